@@ -1,0 +1,51 @@
+"""The codec: TurboQuant (random signs + Walsh–Hadamard rotation + Lloyd–Max codes + corrected
+float16 norm) or lossless, for tensors of vectors (..., T, d) in float16 / bfloat16 / float32.
+
+    enc = encode(keys, CodecSpec(bits=3))
+    keys_hat = decode(enc)          # same shape and dtype as keys
+"""
+
+import mlx.core as mx
+
+from promptvault.codec.encoded import DTYPE_NAMES, Encoded
+from promptvault.codec.spec import LOSSLESS, CodecSpec, KVCodec
+from promptvault.codec.turboquant import decode_arrays, encode_arrays
+
+__all__ = ["CodecSpec", "KVCodec", "LOSSLESS", "Encoded", "encode", "decode", "bytes_per_vector"]
+
+
+def _check_input(x) -> None:
+    if not isinstance(x, mx.array):
+        raise ValueError(f"expected an mx.array, got {type(x).__name__}")
+    if x.dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype {x.dtype} is not supported: use float16, bfloat16 or float32")
+    if x.ndim < 2:
+        raise ValueError(f"expected shape (..., tokens, head_dim), got {tuple(x.shape)}")
+    if x.size == 0:
+        raise ValueError(f"cannot encode an empty array of shape {tuple(x.shape)}")
+    if x.shape[-1] < 2:
+        raise ValueError(f"head dim must be at least 2, got {x.shape[-1]}")
+
+
+def encode(x: mx.array, spec: CodecSpec) -> Encoded:
+    """Code x (..., T, d) with spec. Raises ValueError naming the problem for bad input."""
+    _check_input(x)
+    arrays = {"data": x} if spec.lossless else encode_arrays(x, spec)
+    return Encoded(spec=spec, shape=tuple(x.shape), dtype=x.dtype, arrays=arrays)
+
+
+def decode(enc: Encoded) -> mx.array:
+    """The tensor `enc` was made from (exactly, when lossless), in its original dtype."""
+    if enc.spec.lossless:
+        return enc.arrays["data"]
+    return decode_arrays(enc.arrays, enc.spec, enc.shape[-1], enc.dtype)
+
+
+def bytes_per_vector(dim: int, spec: CodecSpec, dtype_bytes: int = 2) -> float:
+    """Bytes one d-dim vector takes on disk (codes + norms; a stored mean is per block, not here)."""
+    if spec.lossless:
+        return dim * dtype_bytes
+    from promptvault.codec.packing import packed_width
+    from promptvault.codec.rotation import rotation_blocks
+
+    return packed_width(dim, spec.bits) + 2 * len(rotation_blocks(dim))

@@ -1,0 +1,102 @@
+"""Random ±1 signs followed by a Walsh–Hadamard transform: the rotation TurboQuant relies on.
+
+The rotation spreads outlier channels over all coordinates, so every coordinate of the rotated
+unit vector follows the same known marginal and one fixed codebook fits all of them.
+
+`mx.hadamard_transform` supports sizes m·2^k with m in {1, 12, 20, 28}. Its 20- and 28-point
+matrices are orthogonal but not symmetric, so the transform is not its own inverse there: those
+sizes are inverted with the explicit transposed matrix. On the CPU backend an
+unsupported size is not rejected: it returns garbage or corrupts the heap (NOTES §4), so we check
+sizes ourselves and never call it with anything else. Other head dims are split into blocks of
+supported sizes (block-diagonal rotation, one norm per block) instead of being padded: padding
+costs more bits than it saves.
+"""
+
+import hashlib
+from functools import lru_cache
+
+import mlx.core as mx
+import numpy as np
+
+_HADAMARD_BASES = (1, 12, 20, 28)
+
+
+def hadamard_supported(n: int) -> bool:
+    """True when n = m·2^k with m in {1, 12, 20, 28} (what mx.hadamard_transform computes)."""
+    while n >= 1:
+        if n in _HADAMARD_BASES:
+            return True
+        if n % 2:
+            return False
+        n //= 2
+    return False
+
+
+@lru_cache(maxsize=None)
+def rotation_blocks(dim: int) -> tuple[int, ...]:
+    """Split dim into consecutive block sizes that mx.hadamard_transform supports.
+
+    One block when dim itself is supported; otherwise greedily the largest supported size first
+    (72 → 64 + 8, 576 → 512 + 64), which keeps blocks large and their codebooks near-Gaussian.
+    """
+    blocks = []
+    remaining = dim
+    while remaining:
+        size = max(n for n in range(1, remaining + 1) if hadamard_supported(n))
+        blocks.append(size)
+        remaining -= size
+    return tuple(blocks)
+
+
+@lru_cache(maxsize=None)
+def random_signs(dim: int, seed: int) -> np.ndarray:
+    """dim values of ±1 derived from SHA-256 in counter mode over (seed, dim).
+
+    A hash rather than a library RNG: the stream must stay the same across numpy/MLX versions
+    and platforms forever, because every stored shard depends on it.
+    """
+    bits = bytearray()
+    counter = 0
+    while len(bits) * 8 < dim:
+        bits += hashlib.sha256(f"promptvault-signs/v1/{seed}/{dim}/{counter}".encode()).digest()
+        counter += 1
+    unpacked = np.unpackbits(np.frombuffer(bytes(bits), dtype=np.uint8))[:dim]
+    signs = np.where(unpacked == 1, -1.0, 1.0).astype(np.float32)
+    signs.setflags(write=False)
+    return signs
+
+
+def rotate(unit: mx.array, signs: mx.array) -> mx.array:
+    """Orthonormal rotation of the last axis (one supported block): H · diag(signs) / sqrt(n)."""
+    n = unit.shape[-1]
+    return mx.hadamard_transform(unit * signs, scale=1.0 / float(np.sqrt(n)))
+
+
+@lru_cache(maxsize=None)
+def _inverse_matrix(n: int) -> mx.array | None:
+    """None when the normalised Hadamard matrix of size n is symmetric (its own inverse);
+    otherwise the matrix M such that unrotated = rotated @ M.
+
+    Row i of the transform of the identity is the transform of e_i, so transform(x) = x @ F with
+    F = transform(I), and its inverse is x = y @ Fᵀ.
+    """
+    forward = mx.hadamard_transform(mx.eye(n), scale=1.0 / float(np.sqrt(n)))
+    if mx.array_equal(forward, forward.T).item():
+        return None
+    return forward.T
+
+
+def unrotate(rotated: mx.array, signs: mx.array) -> mx.array:
+    """Inverse of `rotate`: diag(signs) · Hᵀ / sqrt(n)."""
+    n = rotated.shape[-1]
+    inverse = _inverse_matrix(n)
+    if inverse is None:
+        return mx.hadamard_transform(rotated, scale=1.0 / float(np.sqrt(n))) * signs
+    return (rotated @ inverse) * signs
+
+
+def expected_distortion(dim: int, bits: int) -> float:
+    """Theory relative MSE for isotropic data: per-block Lloyd–Max distortion, weighted by size."""
+    from promptvault.codec.codebook import distortion
+
+    return sum(size * distortion(size, bits) for size in rotation_blocks(dim)) / dim

@@ -1,0 +1,77 @@
+"""What a stored tensor was coded with: recorded in every shard so any reader can decode it."""
+
+from dataclasses import dataclass
+
+TURBOQUANT_ID = "turboquant/1"
+LOSSLESS_ID = "lossless/1"
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """How one stream of vectors (keys, or values) is coded.
+
+    bits: 1..8 for TurboQuant; None keeps the original dtype bytes (lossless).
+    seed: selects the random signs of the rotation (recorded, so decoding rebuilds them).
+    center: subtract the mean over the token axis before coding and store it; it removes the
+        per-channel offset that outlier-heavy keys carry, which the rotation would otherwise
+        spread as error over every coordinate.
+    """
+
+    bits: int | None
+    seed: int = 0
+    center: bool = False
+
+    def __post_init__(self):
+        if self.bits is not None:
+            if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 8:
+                raise ValueError(f"bits must be an integer in 1..8 (or None for lossless), got {self.bits!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def lossless(self) -> bool:
+        return self.bits is None
+
+    @property
+    def codec_id(self) -> str:
+        return LOSSLESS_ID if self.lossless else TURBOQUANT_ID
+
+    def to_json(self) -> dict:
+        if self.lossless:
+            return {"codec": LOSSLESS_ID}
+        return {"codec": TURBOQUANT_ID, "bits": self.bits, "seed": self.seed, "center": self.center}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "CodecSpec":
+        codec = data.get("codec")
+        if codec == LOSSLESS_ID:
+            return cls(bits=None)
+        if codec == TURBOQUANT_ID:
+            return cls(bits=int(data["bits"]), seed=int(data["seed"]), center=bool(data["center"]))
+        raise ValueError(f"unknown codec {codec!r} (this promptvault reads {TURBOQUANT_ID}, {LOSSLESS_ID})")
+
+    def __str__(self) -> str:
+        if self.lossless:
+            return "lossless"
+        return f"tq{self.bits}" + ("c" if self.center else "")
+
+
+LOSSLESS = CodecSpec(bits=None)
+
+
+@dataclass(frozen=True)
+class KVCodec:
+    """Separate specs for keys and values: keys dominate the attention error, values are cheap."""
+
+    keys: CodecSpec
+    values: CodecSpec
+
+    def to_json(self) -> dict:
+        return {"keys": self.keys.to_json(), "values": self.values.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "KVCodec":
+        return cls(keys=CodecSpec.from_json(data["keys"]), values=CodecSpec.from_json(data["values"]))
+
+    def __str__(self) -> str:
+        return f"K={self.keys} V={self.values}"
