@@ -1,0 +1,203 @@
+"""Live mlx-lm cache objects <-> per-block payloads (the vault's unit of storage).
+
+The vault warms a prompt block by block: after the model has processed tokens [start, end),
+`encode_block` captures every layer's state for those tokens as flat named arrays plus JSON
+meta. `restore_cache` rebuilds fresh mlx-lm cache objects holding exactly the first n tokens
+from the payloads of the blocks covering them, behaving as if those tokens had just been
+prefilled. Supported layer caches: KVCache, RotatingKVCache, QuantizedKVCache, ArraysCache,
+and CacheList of those (recursively); anything else raises UnsupportedCacheError naming it.
+Each type's storage rules live in its own module (caches_kv, caches_rotating, ...).
+
+Array names: "l03.s0.k.codes" = layer 3, segment 0, keys, codec array "codes"; nested caches
+add ".c<j>" ("l03.c1.s0.v.data"), ArraysCache state entries are "l03.a<i>".
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+from mlx_lm.models.cache import (
+    ArraysCache,
+    CacheList,
+    KVCache,
+    QuantizedKVCache,
+    RotatingKVCache,
+    make_prompt_cache,
+)
+
+from promptvault.codec import KVCodec
+from promptvault.errors import PromptvaultError
+from promptvault.vault import caches_arrays, caches_kv, caches_quantized, caches_rotating
+from promptvault.vault.caches_rows import RestoreError
+
+__all__ = ["BlockPayload", "layer_layout", "encode_block", "restore_cache", "RestoreError",
+           "UnsupportedCacheError", "FORMAT"]
+
+FORMAT = "promptvault.caches/1"
+
+# Exact classes only: a subclass may change what the buffers mean, so it must be added here
+# deliberately rather than be handled by accident.
+_ADAPTERS = {
+    KVCache: caches_kv,
+    RotatingKVCache: caches_rotating,
+    QuantizedKVCache: caches_quantized,
+    ArraysCache: caches_arrays,
+}
+_BY_NAME = {cls.__name__: mod for cls, mod in _ADAPTERS.items()}
+
+
+class UnsupportedCacheError(PromptvaultError, TypeError):
+    """A layer cache type this module does not know how to store."""
+
+
+@dataclass
+class BlockPayload:
+    """One block's state: `arrays` go into a shard as tensors, `meta` (JSON-able) alongside.
+
+    meta = {"format", "start", "end", "codec": KVCodec json, "layout": layer_layout(cache),
+            "layers": per-layer meta (segments / snapshot, codec metas)}
+    """
+
+    arrays: dict[str, mx.array]
+    meta: dict
+
+    @property
+    def start(self) -> int:
+        return self.meta["start"]
+
+    @property
+    def end(self) -> int:
+        return self.meta["end"]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+
+def _adapter(cache):
+    mod = _ADAPTERS.get(type(cache))
+    if mod is None:
+        raise UnsupportedCacheError(
+            f"promptvault cannot store a {type(cache).__module__}.{type(cache).__name__} layer cache "
+            f"(supported: {', '.join(sorted(_BY_NAME))}, CacheList)"
+        )
+    return mod
+
+
+def _layout_one(cache) -> dict:
+    if type(cache) is CacheList:
+        return {"type": "CacheList", "children": [_layout_one(c) for c in cache.caches]}
+    return _adapter(cache).layout(cache)
+
+
+def layer_layout(cache: list) -> list[dict]:
+    """Per layer: the cache type and the static parameters that change the stored bytes
+    (ring max_size/keep, quantization group_size/bits, state slots, nested layouts).
+
+    Works on a fresh, empty cache (make_prompt_cache), so the vault can fingerprint its
+    namespace before any prefill. Tensor shapes and dtypes are not known then: they are
+    recorded per block in the codec metas and checked when blocks are joined at restore.
+    """
+    return [_layout_one(c) for c in cache]
+
+
+def _flat(cache: list):
+    for c in cache:
+        if type(c) is CacheList:
+            yield from _flat(c.caches)
+        else:
+            yield c
+
+
+def _encode_one(cache, start, end, kv, prefix, out) -> dict:
+    if type(cache) is CacheList:
+        children = [_encode_one(c, start, end, kv, f"{prefix}.c{j}", out) for j, c in enumerate(cache.caches)]
+        return {"type": "CacheList", "children": children}
+    return _adapter(cache).encode(cache, start, end, kv, prefix, out)
+
+
+def encode_block(cache: list, start: int, end: int, kv: KVCodec) -> BlockPayload:
+    """Capture tokens [start, end) of every layer of `cache`, coded with `kv`.
+
+    Call it when the cache has just processed tokens [start, end): KV-like layers can give any
+    rows they still hold, but recurrent state (ArraysCache) is a snapshot of "now", so when the
+    model has one, every positional layer must be exactly at `end`. Arrays are evaluated and
+    own their bytes (no views into the live cache).
+    """
+    if not 0 <= start < end:
+        raise ValueError(f"bad block [{start}, {end})")
+    layers = list(_flat(cache))
+    for c in layers:
+        _adapter(c)  # reject unknown types before any work
+    if any(type(c) is ArraysCache for c in layers):
+        offsets = {int(c.offset) for c in layers if hasattr(c, "offset")}
+        if offsets and offsets != {end}:
+            raise RestoreError(
+                f"the cache is at token {sorted(offsets)} but the block ends at {end}: an ArraysCache "
+                f"(recurrent state) can only be captured at the position it is at"
+            )
+    arrays: dict[str, mx.array] = {}
+    metas = [_encode_one(c, start, end, kv, f"l{i:02d}", arrays) for i, c in enumerate(cache)]
+    mx.eval(list(arrays.values()))
+    meta = {"format": FORMAT, "start": start, "end": end, "codec": kv.to_json(),
+            "layout": layer_layout(cache), "layers": metas}
+    return BlockPayload(arrays=arrays, meta=meta)
+
+
+def _restore_one(layout: dict, blocks: list, n_tokens: int, prefix: str):
+    if layout["type"] == "CacheList":
+        children = []
+        for j, child in enumerate(layout["children"]):
+            sub = [(m["children"][j], a, f"{p}.c{j}") for m, a, p in blocks]
+            children.append(_restore_one(child, sub, n_tokens, f"{prefix}.c{j}"))
+        return CacheList(*children)
+    mod = _BY_NAME.get(layout["type"])
+    if mod is None:
+        raise UnsupportedCacheError(f"payload holds an unknown layer cache type {layout['type']!r}")
+    return mod.restore(layout, blocks, n_tokens, prefix)
+
+
+def _check_payloads(payloads: list, n_tokens: int) -> list:
+    """The payloads needed for n_tokens, after checking they chain from 0 with one layout."""
+    if n_tokens < 1:
+        raise ValueError(f"n_tokens must be >= 1, got {n_tokens}")
+    if not payloads:
+        raise RestoreError("no payloads to restore from")
+    pos = 0
+    used = []
+    for p in payloads:
+        if p.meta.get("format") != FORMAT:
+            raise RestoreError(f"payload format {p.meta.get('format')!r} is not {FORMAT!r}")
+        if p.start != pos:
+            raise RestoreError(f"payloads must be contiguous from token 0: got block [{p.start}, {p.end}) at {pos}")
+        if p.meta["layout"] != payloads[0].meta["layout"]:
+            raise RestoreError(f"block [{p.start}, {p.end}) has a different cache layout from block 0")
+        if pos >= n_tokens:
+            break
+        used.append(p)
+        pos = p.end
+    if pos < n_tokens:
+        raise RestoreError(f"payloads cover tokens [0, {pos}), fewer than the {n_tokens} requested")
+    return used
+
+
+def restore_cache(model, payloads: list[BlockPayload], n_tokens: int) -> list:
+    """Fresh mlx-lm cache objects holding exactly the first n_tokens of the payloads' prompt.
+
+    payloads: BlockPayloads in token order, contiguous from token 0, covering >= n_tokens (the
+    last one may be used only in part). `model` (may be None) is checked to have as many cache
+    layers as the payloads. The layer types come from the payloads, not from the model: a ring
+    cache warmed with make_prompt_cache(model, max_kv_size=N) restores as that ring.
+    Buffers are decoded layer by layer into preallocated arrays, evaluated as they fill.
+    The restored arrays never alias payload arrays.
+    """
+    used = _check_payloads(payloads, n_tokens)
+    layout = used[0].meta["layout"]
+    if model is not None and len(make_prompt_cache(model)) != len(layout):
+        raise RestoreError(
+            f"the model has {len(make_prompt_cache(model))} cache layers, the payloads {len(layout)}"
+        )
+    out = []
+    for i, lay in enumerate(layout):
+        blocks = [(p.meta["layers"][i], p.arrays, f"l{i:02d}") for p in used]
+        out.append(_restore_one(lay, blocks, n_tokens, f"l{i:02d}"))
+    return out

@@ -1,0 +1,34 @@
+"""KVCache <-> block payloads: the plain growing cache, every token's row kept.
+
+Stored per block: one segment with the rows of tokens [start, end) (any block whose tokens the
+cache still holds can be captured, so a cache can also be saved after the fact).
+Restored: a KVCache whose buffer is allocated once, rounded up to mlx-lm's 256-row step as a
+natural prefill would leave it, holding tokens [0, n_tokens) with offset = n_tokens.
+"""
+
+from mlx_lm.models.cache import KVCache
+
+from promptvault.codec import KVCodec
+from promptvault.vault.caches_rows import RestoreError, encode_segment, fill_rows, round_up
+
+
+def layout(cache: KVCache) -> dict:
+    return {"type": "KVCache"}
+
+
+def encode(cache: KVCache, start: int, end: int, kv: KVCodec, prefix: str, out: dict) -> dict:
+    if cache.keys is None or end > cache.offset:
+        raise RestoreError(
+            f"layer {prefix}: KVCache holds {cache.offset} tokens, cannot capture block [{start}, {end})"
+        )
+    keys = cache.keys[..., start:end, :]
+    values = cache.values[..., start:end, :]
+    seg = encode_segment(keys, values, (start, end), kv, f"{prefix}.s0", out)
+    return {**layout(cache), "segments": [seg]}
+
+
+def restore(layout: dict, blocks: list, n_tokens: int, prefix: str) -> KVCache:
+    cache = KVCache()
+    cache.keys, cache.values = fill_rows(blocks, prefix, [(0, n_tokens, 0)], round_up(n_tokens, KVCache.step))
+    cache.offset = n_tokens
+    return cache

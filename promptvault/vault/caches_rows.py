@@ -1,0 +1,112 @@
+"""Token rows of K/V tensors <-> coded segments, shared by the KV-like cache adapters.
+
+A *segment* is a run of consecutive tokens [a, b) of one layer captured in one block, its keys
+and values coded with the block's KVCodec. KVCache blocks hold one segment; a ring may hold
+fewer rows than its block (the ring had already dropped some), so a block can hold 0..2 segments.
+Restore copies, for every token range a cache needs, the matching rows of every segment into
+one preallocated buffer: each buffer is sized once, no concatenation chains.
+"""
+
+from typing import Callable, Sequence
+
+import mlx.core as mx
+
+from promptvault.codec import Encoded, KVCodec, decode, encode
+from promptvault.errors import PromptvaultError
+
+
+class RestoreError(PromptvaultError, ValueError):
+    """The payloads cannot rebuild the requested cache (missing rows, wrong position, bad meta)."""
+
+
+def sub_arrays(arrays: dict, prefix: str) -> dict:
+    """The arrays named `prefix.<name>`, keyed by <name>."""
+    head = prefix + "."
+    return {name[len(head) :]: a for name, a in arrays.items() if name.startswith(head)}
+
+
+def put_arrays(out: dict, prefix: str, arrays: dict) -> None:
+    """Add `arrays` to `out` under `prefix.<name>`, materialised as compact arrays.
+
+    Slices of a cache buffer are views that keep the whole buffer alive; a contiguous copy
+    makes the payload own exactly its bytes.
+    """
+    for name, a in arrays.items():
+        out[f"{prefix}.{name}"] = mx.contiguous(a)
+
+
+def encode_segment(keys: mx.array, values: mx.array, tokens: tuple[int, int], kv: KVCodec,
+                   prefix: str, out: dict) -> dict:
+    """Code one run of rows; returns the segment meta and adds its arrays to `out`."""
+    ek, ev = encode(keys, kv.keys), encode(values, kv.values)
+    put_arrays(out, prefix + ".k", ek.arrays)
+    put_arrays(out, prefix + ".v", ev.arrays)
+    return {"tokens": list(tokens), "k": ek.meta(), "v": ev.meta()}
+
+
+def decode_segment(seg: dict, arrays: dict, prefix: str, i0: int, i1: int) -> tuple[mx.array, mx.array]:
+    """Rows [i0, i1) (relative to the segment) of its keys and values, decoded."""
+    out = []
+    for part in ("k", "v"):
+        enc = Encoded.from_parts(seg[part], sub_arrays(arrays, f"{prefix}.{part}"))
+        out.append(decode(enc.slice_tokens(i0, i1)))
+    return tuple(out)
+
+
+def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int]], n_rows: int,
+              decode_rows: Callable = decode_segment) -> tuple[mx.array, ...]:
+    """Buffers of `n_rows` rows holding, for every (a, b, dest) in `needed`, tokens [a, b) at
+    rows [dest, dest + b - a).
+
+    blocks: (layer_meta, arrays, prefix) of this layer in every payload, in token order.
+    decode_rows(seg, arrays, seg_prefix, i0, i1) -> tuple of (..., rows, width) arrays.
+    Raises RestoreError naming the tokens no segment holds.
+    """
+    buffers = None
+    covered = []
+    for meta, arrays, prefix in blocks:
+        for j, seg in enumerate(meta["segments"]):
+            s0, s1 = seg["tokens"]
+            for a, b, dest in needed:
+                lo, hi = max(a, s0), min(b, s1)
+                if lo >= hi:
+                    continue
+                parts = decode_rows(seg, arrays, f"{prefix}.s{j}", lo - s0, hi - s0)
+                if buffers is None:
+                    buffers = [mx.zeros((*p.shape[:-2], n_rows, p.shape[-1]), p.dtype) for p in parts]
+                for buf, p in zip(buffers, parts):
+                    if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
+                        raise RestoreError(
+                            f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
+                            f"earlier blocks ({buf.shape} {buf.dtype})"
+                        )
+                    buf[..., dest + lo - a : dest + hi - a, :] = p
+                covered.append((lo, hi))
+        if buffers is not None:
+            mx.eval(buffers)
+    missing = _missing(needed, covered)
+    if missing:
+        raise RestoreError(
+            f"layer {layer}: tokens {missing} are needed but no block holds them (a ring cache "
+            f"that had already dropped those rows when the block was captured?)"
+        )
+    return tuple(buffers)
+
+
+def _missing(needed, covered) -> list[list[int]]:
+    """Token ranges of `needed` not covered by any (lo, hi) in `covered`."""
+    gaps = []
+    for a, b, _ in needed:
+        pos = a
+        for lo, hi in sorted(c for c in covered if c[1] > a and c[0] < b):
+            if lo > pos:
+                gaps.append([pos, lo])
+            pos = max(pos, hi)
+        if pos < b:
+            gaps.append([pos, b])
+    return gaps
+
+
+def round_up(n: int, step: int) -> int:
+    """n rounded up to a multiple of step: the buffer size mlx-lm's own growth would give."""
+    return (n + step - 1) // step * step

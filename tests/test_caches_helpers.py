@@ -1,0 +1,48 @@
+"""Shared helpers for the cache-adapter tests (no tests here): block-by-block warming like the
+vault does, natural prefill, greedy generation, and the state a naturally grown ring exposes."""
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+
+from promptvault.vault.caches import encode_block
+
+
+def warm_blocks(model, cache, tokens, block, kv):
+    """Prefill `tokens` block by block, capturing each block right after it is processed."""
+    payloads = []
+    for start in range(0, len(tokens), block):
+        end = min(start + block, len(tokens))
+        model(mx.array(tokens[start:end])[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        payloads.append(encode_block(cache, start, end, kv))
+    return payloads
+
+
+def prefill(model, cache, tokens, chunk=None):
+    """The normal prefill: one forward pass (or fixed chunks, as generate_step's prefill_step_size)."""
+    chunk = chunk or len(tokens)
+    for start in range(0, len(tokens), chunk):
+        model(mx.array(tokens[start : start + chunk])[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def greedy(model, cache, next_token, n=24):
+    """n greedy tokens from mlx-lm's generate_step, continuing the cache with `next_token`."""
+    steps = generate_step(mx.array([next_token]), model, prompt_cache=cache, max_tokens=n)
+    return [int(tok) for tok, _ in steps]
+
+
+def ring_view(cache):
+    """(keys, values) that a ring grown to cache.offset tokens exposes, in temporal order:
+    all rows if offset <= max_size, else the first `keep` rows and the last max_size - keep."""
+    keys, values = cache._temporal_order(cache.keys), cache._temporal_order(cache.values)
+    if cache.offset > cache.max_size:
+        tail = cache.max_size - cache.keep
+        keys = mx.concatenate([keys[..., : cache.keep, :], keys[..., -tail:, :]], axis=2)
+        values = mx.concatenate([values[..., : cache.keep, :], values[..., -tail:, :]], axis=2)
+    return keys, values
+
+
+def same(a, b):
+    return a.shape == b.shape and a.dtype == b.dtype and bool(mx.array_equal(a, b))
