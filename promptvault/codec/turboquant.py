@@ -9,7 +9,9 @@ Decode: codebook lookup, inverse rotation, multiply by the stored norm, add the 
 All arithmetic is float32 whatever the input dtype.
 """
 
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 
 import mlx.core as mx
 
@@ -22,28 +24,49 @@ _FP16_MAX = 65504.0
 _TINY = 1e-30
 
 
+@dataclass(frozen=True)
+class _Block:
+    """One rotation block of a head dim, with its compiled encode and decode steps."""
+
+    offset: int
+    size: int
+    encode: Callable[[mx.array], tuple[mx.array, mx.array]]
+    decode: Callable[[mx.array, mx.array], mx.array]
+
+
+def _make_block(offset: int, size: int, bits: int, signs: mx.array) -> _Block:
+    centroids, boundaries = codebook(size, bits)
+    table = mx.array(centroids)
+    thresholds = [float(b) for b in boundaries]
+
+    def encode_block(block: mx.array) -> tuple[mx.array, mx.array]:
+        norm = mx.sqrt(mx.sum(block * block, axis=-1, keepdims=True))
+        rotated = rotate(block / mx.maximum(norm, _TINY), signs)
+        # Index of the nearest centroid = number of boundaries below the value. Comparing with
+        # constant thresholds fuses into one pass; a gather-based search is ~40x slower on CPU.
+        codes = (rotated > thresholds[0]).astype(mx.uint8)
+        for threshold in thresholds[1:]:
+            codes = codes + (rotated > threshold).astype(mx.uint8)
+        decoded = mx.take(table, codes)
+        decoded_norm = mx.sqrt(mx.sum(decoded * decoded, axis=-1, keepdims=True))
+        return codes, norm / mx.maximum(decoded_norm, _TINY)
+
+    def decode_block(codes: mx.array, norm: mx.array) -> mx.array:
+        return unrotate(mx.take(table, codes), signs) * norm
+
+    return _Block(offset, size, mx.compile(encode_block), mx.compile(decode_block))
+
+
 @lru_cache(maxsize=None)
-def _block_tables(dim: int, bits: int, seed: int) -> tuple[tuple[int, int, mx.array, mx.array, mx.array], ...]:
-    """Per rotation block: (offset, size, signs, centroids, boundaries) as MLX arrays."""
+def _blocks(dim: int, bits: int, seed: int) -> tuple[_Block, ...]:
+    """The rotation blocks of a head dim with their signs and codebooks, built once."""
     signs = random_signs(dim, seed)
-    tables = []
+    blocks = []
     offset = 0
     for size in rotation_blocks(dim):
-        centroids, boundaries = codebook(size, bits)
-        tables.append(
-            (offset, size, mx.array(signs[offset : offset + size]), mx.array(centroids), mx.array(boundaries))
-        )
+        blocks.append(_make_block(offset, size, bits, mx.array(signs[offset : offset + size])))
         offset += size
-    return tuple(tables)
-
-
-def _quantize(rotated: mx.array, boundaries: mx.array, bits: int) -> mx.array:
-    """Index of the nearest centroid = number of boundaries below the value (binary search)."""
-    codes = mx.zeros(rotated.shape, dtype=mx.uint32)
-    for step in reversed(range(bits)):
-        candidate = codes + (1 << step)
-        codes = mx.where(rotated > mx.take(boundaries, candidate - 1), candidate, codes)
-    return codes
+    return tuple(blocks)
 
 
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
@@ -57,15 +80,10 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         # Subtract the stored (rounded) mean so decode adds back exactly what was removed.
         values = values - mean.astype(mx.float32)
     code_blocks, norm_blocks = [], []
-    for offset, size, signs, centroids, boundaries in _block_tables(dim, spec.bits, spec.seed):
-        block = values[..., offset : offset + size]
-        norm = mx.sqrt(mx.sum(block * block, axis=-1, keepdims=True))
-        rotated = rotate(block / mx.maximum(norm, _TINY), signs)
-        codes = _quantize(rotated, boundaries, spec.bits)
-        decoded = mx.take(centroids, codes)
-        decoded_norm = mx.sqrt(mx.sum(decoded * decoded, axis=-1, keepdims=True))
-        code_blocks.append(codes.astype(mx.uint8))
-        norm_blocks.append(norm / mx.maximum(decoded_norm, _TINY))
+    for block in _blocks(dim, spec.bits, spec.seed):
+        codes, norm = block.encode(values[..., block.offset : block.offset + block.size])
+        code_blocks.append(codes)
+        norm_blocks.append(norm)
     norms = mx.concatenate(norm_blocks, axis=-1)
     if mx.max(norms).item() > _FP16_MAX:
         raise ValueError(
@@ -79,12 +97,12 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
 
 def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     """Inverse of `encode_arrays`, in `dtype`."""
-    codes = unpack_bits(arrays["codes"], spec.bits, dim).astype(mx.uint32)
+    codes = unpack_bits(arrays["codes"], spec.bits, dim)
     norms = arrays["norms"].astype(mx.float32)
     parts = []
-    for index, (offset, size, signs, centroids, _) in enumerate(_block_tables(dim, spec.bits, spec.seed)):
-        decoded = mx.take(centroids, codes[..., offset : offset + size])
-        parts.append(unrotate(decoded, signs) * norms[..., index : index + 1])
+    for index, block in enumerate(_blocks(dim, spec.bits, spec.seed)):
+        codes_block = codes[..., block.offset : block.offset + block.size]
+        parts.append(block.decode(codes_block, norms[..., index : index + 1]))
     out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
     if "mean" in arrays:
         out = out + arrays["mean"].astype(mx.float32)
