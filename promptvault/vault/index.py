@@ -1,0 +1,160 @@
+"""The SQLite index: a fast, rebuildable map from chunk keys to shard files.
+
+The shard files are the truth (each one carries its key, parent, namespace, tokens and checksum
+in its metadata); this index only makes lookups cheap: children of a chunk, token lists for the
+longest-common-prefix search, sizes and recency for eviction, hit counts for stats. If it is lost
+or stale, `Vault.reindex` rebuilds it from the files (LMCache's most reported bug was a disk cache
+that became invisible after a restart).
+
+Several processes may share one vault: the database runs in WAL mode with a busy timeout, chunk
+rows go in with INSERT OR IGNORE (two writers of the same chunk both succeed), and the schema
+migrations (`promptvault.migrations`) run under an exclusive file lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterable
+
+import sqlite_utils
+
+from promptvault.migrations import migrations
+from promptvault.vault.namespace import Namespace, canonical_json
+
+BUSY_TIMEOUT_MS = 30_000
+_CHUNK_COLS = ("key", "namespace", "parent", "position", "n_tokens", "tokens", "file", "bytes",
+               "checksum", "created", "last_used", "hits")
+
+
+class Index:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM inherit 0600
+        self.db = sqlite_utils.Database(str(self.path))
+        self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            os.chmod(lock.name, 0o600)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.db.enable_wal()
+            migrations.apply(self.db)
+
+    def close(self) -> None:
+        try:  # fold the WAL back so it does not sit on disk (it counts against the disk cap)
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.OperationalError:  # another process is busy: a later checkpoint does it
+            pass
+        self.db.close()
+
+    def _write(self, sql: str, params: Iterable = ()) -> int:
+        with self.db.conn:
+            return self.db.conn.execute(sql, tuple(params)).rowcount
+
+    def _rows(self, sql: str, params: Iterable = ()) -> list[dict]:
+        cur = self.db.conn.execute(sql, tuple(params))
+        cols = [c[0] for c in cur.description]
+        return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    # namespaces
+    def add_namespace(self, ns: Namespace) -> None:
+        self._write("INSERT OR IGNORE INTO namespaces (id, descriptor, created) VALUES (?, ?, ?)",
+                    (ns.id, canonical_json(ns.descriptor), time.time()))
+
+    def namespaces(self) -> list[dict]:
+        rows = self._rows("SELECT * FROM namespaces ORDER BY created")
+        for r in rows:
+            r["descriptor"] = json.loads(r["descriptor"])
+        return rows
+
+    # chunks
+    def add_chunk(self, row: dict, snapshot: bool = False) -> bool:
+        """Insert a chunk row unless the key is already there; True if this call inserted it."""
+        now = time.time()
+        row = {"created": now, "last_used": now, "hits": 0, **row}
+        with self.db.conn:
+            cur = self.db.conn.execute(
+                f"INSERT OR IGNORE INTO chunks ({', '.join(_CHUNK_COLS)}) "
+                f"VALUES ({', '.join('?' * len(_CHUNK_COLS))})", [row[c] for c in _CHUNK_COLS])
+            if snapshot:
+                self.db.conn.execute(
+                    "INSERT OR IGNORE INTO snapshots (key, namespace, position) VALUES (?, ?, ?)",
+                    (row["key"], row["namespace"], row["position"] + row["n_tokens"]))
+        return cur.rowcount == 1
+
+    def chunk(self, key: str) -> dict | None:
+        rows = self._rows("SELECT * FROM chunks WHERE key = ?", (key,))
+        return rows[0] if rows else None
+
+    def existing(self, keys: list[str]) -> set[str]:
+        found: set[str] = set()
+        for i in range(0, len(keys), 500):
+            part = keys[i : i + 500]
+            found.update(r["key"] for r in self._rows(
+                f"SELECT key FROM chunks WHERE key IN ({','.join('?' * len(part))})", part))
+        return found
+
+    def children(self, namespace: str, parent: str | None) -> list[dict]:
+        return self._rows("SELECT * FROM chunks WHERE namespace = ? AND parent IS ?", (namespace, parent))
+
+    def children_of(self, key: str) -> list[str]:
+        return [r["key"] for r in self._rows("SELECT key FROM chunks WHERE parent = ?", (key,))]
+
+    def has_snapshot(self, key: str) -> bool:
+        return bool(self._rows("SELECT 1 FROM snapshots WHERE key = ?", (key,)))
+
+    def touch(self, keys: list[str]) -> None:
+        if keys:
+            self._write(f"UPDATE chunks SET hits = hits + 1, last_used = ? "
+                        f"WHERE key IN ({','.join('?' * len(keys))})", [time.time(), *keys])
+
+    def delete_chunks(self, keys: list[str]) -> None:
+        with self.db.conn:
+            for key in keys:
+                self.db.conn.execute("DELETE FROM chunks WHERE key = ?", (key,))
+                self.db.conn.execute("DELETE FROM snapshots WHERE key = ?", (key,))
+
+    def eviction_candidates(self, limit: int = 64, exclude: Iterable[str] = ()) -> list[dict]:
+        """Least recently used chunks that no other chunk extends (leaves before their parents)."""
+        exclude = list(exclude)
+        return self._rows(
+            "SELECT key, file, bytes FROM chunks c WHERE NOT EXISTS "
+            "(SELECT 1 FROM chunks d WHERE d.parent = c.key) "
+            f"AND key NOT IN ({','.join('?' * len(exclude))}) ORDER BY last_used, position DESC LIMIT ?",
+            [*exclude, limit])
+
+    def all_chunks(self, namespace: str | None = None) -> list[dict]:
+        if namespace is None:
+            return self._rows("SELECT key, namespace, file, bytes, checksum FROM chunks")
+        return self._rows("SELECT key, namespace, file, bytes, checksum FROM chunks WHERE namespace = ?",
+                          (namespace,))
+
+    # warmed prompts
+    def add_warmed(self, namespace: str, label: str | None, source: str | None, n_tokens: int,
+                   last_key: str) -> None:
+        self._write("INSERT INTO warmed (namespace, label, source, n_tokens, last_key, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?)", (namespace, label, source, n_tokens, last_key, time.time()))
+
+    def warmed(self) -> list[dict]:
+        return self._rows("SELECT * FROM warmed ORDER BY id")
+
+    def delete_warmed(self, ids: list[int]) -> None:
+        with self.db.conn:
+            for i in ids:
+                self.db.conn.execute("DELETE FROM warmed WHERE id = ?", (i,))
+
+    def stats(self) -> list[dict]:
+        return self._rows(
+            "SELECT n.id AS namespace, count(c.key) AS chunks, coalesce(sum(c.bytes), 0) AS bytes, "
+            "coalesce(sum(c.n_tokens), 0) AS tokens, coalesce(sum(c.hits), 0) AS hits "
+            "FROM namespaces n LEFT JOIN chunks c ON c.namespace = n.id GROUP BY n.id ORDER BY n.created")
+
+    def clear(self) -> None:
+        """Forget every chunk and namespace (reindex refills them from the files)."""
+        with self.db.conn:
+            for table in ("snapshots", "chunks", "namespaces"):
+                self.db.conn.execute(f"DELETE FROM {table}")

@@ -1,0 +1,167 @@
+"""Shard files: one safetensors file per chunk (a block, or a prompt's tail leaf).
+
+Why one chunk per file: chunks are shared between prompts (dedup), evicted one at a time (leaves
+first) and verified and quarantined one at a time. With one file per chunk each of those is a
+single `os.replace` / `os.remove` and a bad byte costs one block, never its neighbours; a restore
+reads exactly the files it needs. Packing several blocks per file would need rewrites or
+reference counting to evict or quarantine part of a file. The price is per-file overhead (a JSON
+header, filesystem block rounding), a few KiB against ~1 MiB of codes per 256-token block.
+
+Format: standard safetensors (readable by `safetensors`, `mx.load`), written here directly so the
+checksum can cover the exact bytes on disk. `__metadata__["checksum"]` is
+"xxh3_64:<hex>" of the whole header (with the checksum hex zeroed) followed by the tensor bytes,
+so a flipped byte anywhere in the file is caught on read. Files are written to a unique temp name
+in the target directory, fsynced, then `os.replace`d: readers never see half a file and two
+processes writing the same chunk both produce a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import xxhash
+
+SUFFIX = ".safetensors"
+_PREFIX = "xxh3_64:"
+_ZERO = "0" * 16
+
+# safetensors dtype name -> (mlx dtype, numpy dtype used for the raw bytes)
+_DTYPES = {
+    "F32": (mx.float32, np.float32), "F16": (mx.float16, np.float16),
+    "BF16": (mx.bfloat16, np.uint16), "U8": (mx.uint8, np.uint8), "U16": (mx.uint16, np.uint16),
+    "U32": (mx.uint32, np.uint32), "U64": (mx.uint64, np.uint64), "I8": (mx.int8, np.int8),
+    "I16": (mx.int16, np.int16), "I32": (mx.int32, np.int32), "I64": (mx.int64, np.int64),
+    "BOOL": (mx.bool_, np.bool_),
+}
+_NAMES = {mxd: name for name, (mxd, _) in _DTYPES.items()}
+
+
+class CorruptShard(Exception):
+    """The file does not parse or its checksum does not match (internal; the vault quarantines)."""
+
+
+@dataclass
+class Shard:
+    arrays: dict[str, mx.array]
+    metadata: dict[str, str]  # without the checksum entry
+    checksum: str
+    nbytes: int  # file size
+
+
+def relpath(key: str) -> str:
+    """Fan out by hash prefix (two levels of 256) so no directory holds millions of files."""
+    return f"{key[:2]}/{key[2:4]}/{key}{SUFFIX}"
+
+
+def _raw(a: mx.array) -> np.ndarray:
+    if a.dtype == mx.bfloat16:
+        a = a.view(mx.uint16)
+    return np.ascontiguousarray(np.asarray(a)).reshape(-1)
+
+
+def _encode(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[bytes, str]:
+    header: dict = {}
+    blobs = []
+    offset = 0
+    for name in sorted(arrays):
+        a = arrays[name]
+        if a.size == 0:
+            raise ValueError(f"safetensors cannot store the size-0 array {name!r}")
+        if a.dtype not in _NAMES:
+            raise ValueError(f"unsupported dtype {a.dtype} for {name!r}")
+        blob = _raw(a).tobytes()
+        header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    header["__metadata__"] = {**metadata, "checksum": _PREFIX + _ZERO}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    data = b"".join(blobs)
+    digest = xxhash.xxh3_64_hexdigest(text + data)
+    text = text.replace((_PREFIX + _ZERO).encode(), (_PREFIX + digest).encode(), 1)
+    return len(text).to_bytes(8, "little") + text + data, digest
+
+
+def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[int, str]:
+    """Write atomically (unique temp file, fsync, os.replace); returns (bytes, checksum)."""
+    blob, digest = _encode(arrays, metadata)
+    for d in (path.parent.parent, path.parent):  # each level 0700 (parents=True would use 0777)
+        d.mkdir(mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return len(blob), digest
+
+
+def _parse_header(buf: bytes) -> tuple[int, dict, str]:
+    n = int.from_bytes(buf[:8], "little")
+    if n > len(buf) - 8:
+        raise CorruptShard("header length past end of file")
+    header = json.loads(buf[8 : 8 + n].decode())
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or not str(meta.get("checksum", "")).startswith(_PREFIX):
+        raise CorruptShard("no checksum in metadata")
+    return n, header, meta["checksum"][len(_PREFIX):]
+
+
+def read_metadata(path: Path, tensor: str) -> tuple[dict[str, str], str, np.ndarray]:
+    """Header metadata, checksum and one (small) tensor, without reading or checking the rest:
+    enough to index a shard. Bytes are checked when the shard is used."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little")
+        buf = head + f.read(n)
+        try:
+            _, header, digest = _parse_header(buf)
+            spec = header[tensor]
+            start, stop = spec["data_offsets"]
+            f.seek(8 + n + start)
+            raw = f.read(stop - start)
+            array = np.frombuffer(raw, dtype=_DTYPES[spec["dtype"]][1]).reshape(spec["shape"])
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CorruptShard(str(e)) from e
+    meta = dict(header["__metadata__"])
+    meta.pop("checksum")
+    return meta, digest, array
+
+
+def read_shard(path: Path) -> Shard:
+    """Read and verify a shard; raises CorruptShard on any mismatch, OSError if unreadable."""
+    buf = Path(path).read_bytes()
+    try:
+        n, header, digest = _parse_header(buf)
+        text = buf[8 : 8 + n].replace((_PREFIX + digest).encode(), (_PREFIX + _ZERO).encode(), 1)
+        data = memoryview(buf)[8 + n :]
+        if xxhash.xxh3_64_hexdigest(text + data) != digest:
+            raise CorruptShard("checksum mismatch")
+        meta = header.pop("__metadata__")
+        meta.pop("checksum")
+        arrays = {}
+        for name, spec in header.items():
+            mxd, npd = _DTYPES[spec["dtype"]]
+            start, stop = spec["data_offsets"]
+            raw = np.frombuffer(data[start:stop], dtype=npd).reshape(spec["shape"])
+            a = mx.array(raw)
+            arrays[name] = a.view(mxd) if mxd == mx.bfloat16 else a
+    except CorruptShard:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CorruptShard(str(e)) from e
+    return Shard(arrays, meta, digest, len(buf))

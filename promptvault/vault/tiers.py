@@ -1,0 +1,113 @@
+"""Storage tiers: a RAM tier of compressed chunks over the disk tier, each with a byte cap.
+
+RAM holds verified, still-compressed payloads (the codes and norms as read from a shard), so a
+hot prefix skips the file read and checksum but still costs only its compressed size in memory.
+
+The disk cap counts everything under the vault directory (shards, index, WAL, quarantine),
+measured from the filesystem rather than from the index, so files other processes wrote and files
+the index forgot still count (LMCache filled 460 GB of a 250 GB cap by trusting its own ledger).
+Eviction removes chunks that nothing extends first — tail leaves before their blocks, the end of
+a chain before its start — because a missing first block makes every later block unreachable.
+Files that cannot be deleted are skipped, never retried in a loop.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from promptvault.vault.index import Index
+
+
+@dataclass
+class RamTier:
+    cap: int
+    _items: OrderedDict = field(default_factory=OrderedDict)
+    nbytes: int = 0
+
+    def get(self, key: str):
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: str, value, nbytes: int) -> None:
+        if nbytes > self.cap:
+            return
+        self.discard(key)
+        self._items[key] = (value, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.cap:
+            _, (_, n) = self._items.popitem(last=False)
+            self.nbytes -= n
+
+    def discard(self, key: str) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self.nbytes -= item[1]
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def disk_usage(root: Path) -> int:
+    """Bytes allocated on disk under `root`, like `du` (files that vanish meanwhile are skipped)."""
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
+    return total
+
+
+def allocated(path: Path) -> int:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return getattr(st, "st_blocks", 0) * 512 or st.st_size
+
+
+@dataclass
+class DiskTier:
+    root: Path  # the vault directory (everything under it counts)
+    shards: Path  # where chunk files live
+    cap: int | None
+
+    def enforce(self, index: Index, on_evict: Callable[[str], None]) -> list[str]:
+        """Evict leaf-first, least recently used, until usage <= cap; returns the evicted keys."""
+        if self.cap is None:
+            return []
+        usage = disk_usage(self.root)
+        evicted: list[str] = []
+        skipped: list[str] = []
+        while usage > self.cap:
+            rows = index.eviction_candidates(limit=64, exclude=skipped)
+            if not rows:
+                break
+            for row in rows:
+                if usage <= self.cap:
+                    break
+                path = self.shards / row["file"]
+                size = allocated(path)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError:
+                    skipped.append(row["key"])
+                    continue
+                index.delete_chunks([row["key"]])
+                on_evict(row["key"])
+                evicted.append(row["key"])
+                usage -= size
+        return evicted
