@@ -2,8 +2,9 @@
 
 For every data set × head dim × bit width: bytes per vector on disk, ratio vs float16, relative
 MSE (Σ‖x − x̂‖² / Σ‖x‖²), mean cosine, and encode / decode throughput in GB/s of float16 input.
-Data sets: isotropic Gaussian vectors, and synthetic keys with outlier channels (a few channels
-10–20x larger with a nonzero mean), the case that breaks quantizers without a rotation.
+Data sets: isotropic Gaussian vectors; synthetic keys with outlier channels (a few channels
+10–20x larger with a nonzero mean), the case that breaks quantizers without a rotation; and the
+real keys and values of a model after prefilling a fixed text (all layers and heads).
 """
 
 import time
@@ -40,6 +41,33 @@ def outlier_keys(tokens: int, dim: int, seed: int) -> mx.array:
 
 
 DATASETS = {"gaussian": gaussian_vectors, "outlier_keys": outlier_keys}
+
+
+def real_text() -> str:
+    """Fixed real text that ships with every Python: stdlib sources (code with prose docstrings)."""
+    import inspect
+    import json.decoder
+    import textwrap
+
+    return inspect.getsource(textwrap) + inspect.getsource(json.decoder)
+
+
+def real_kv(model_spec: str | None, tokens: int) -> tuple[str, mx.array, mx.array]:
+    """(model name, keys, values) of a model after prefilling `tokens` tokens of `real_text`,
+    every layer's heads stacked on the head axis: (1, layers · kv_heads, tokens, head_dim), in
+    float16 as a GPU cache would hold them (so affine scales cost 2 bytes, as ours do)."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from promptvault.models import load_model
+
+    loaded = load_model(model_spec)
+    ids = loaded.tokenizer.encode(real_text())[:tokens]
+    cache = make_prompt_cache(loaded.model)
+    loaded.model(mx.array(ids)[None], cache=cache)
+    keys = [c.state[0][..., : len(ids), :] for c in cache]
+    values = [c.state[1][..., : len(ids), :] for c in cache]
+    as_fp16 = [mx.concatenate(kv, axis=1).astype(mx.float16) for kv in (keys, values)]
+    return loaded.name, *as_fp16
 
 
 def _seconds(fn) -> float:
@@ -110,21 +138,34 @@ def affine_row(x: mx.array, data: str, bits: int) -> dict | None:
     return _row(f"affine-g{group}", data, bits, dim, nbytes, x, x_hat, enc_s, dec_s, theory_mse=None)
 
 
-def run_codec_bench(bits: list[int], dims: list[int], tokens: int = 4096, seed: int = 0) -> list[dict]:
-    """Rows for every data set × dim × bits: TurboQuant, TurboQuant with centering on the
-    outlier keys, and affine mx.quantize where its group size divides the head dim."""
+def _rows_for(x: mx.array, data: str, bits: list[int], seed: int, center: bool) -> list[dict]:
+    mx.eval(x)
+    rows = []
+    for b in bits:
+        rows.append(turboquant_row(x, data, CodecSpec(bits=b, seed=seed)))
+        if center:
+            rows.append(turboquant_row(x, data, CodecSpec(bits=b, seed=seed, center=True)))
+        affine = affine_row(x, data, b)
+        if affine is not None:
+            rows.append(affine)
+    return rows
+
+
+def run_codec_bench(
+    bits: list[int], dims: list[int], tokens: int = 4096, seed: int = 0, real_model: str | None = None,
+    real: bool = True,
+) -> list[dict]:
+    """Rows for every data set × dim × bits: TurboQuant, TurboQuant with centering on keys,
+    and affine mx.quantize where its group size divides the head dim. With `real`, also the
+    keys and values of `real_model` (None: the default model) after a 1,024-token prefill."""
     rows = []
     for data, make in DATASETS.items():
         for dim in dims:
-            x = make(tokens, dim, seed)
-            mx.eval(x)
-            for b in bits:
-                rows.append(turboquant_row(x, data, CodecSpec(bits=b, seed=seed)))
-                if data == "outlier_keys":
-                    rows.append(turboquant_row(x, data, CodecSpec(bits=b, seed=seed, center=True)))
-                affine = affine_row(x, data, b)
-                if affine is not None:
-                    rows.append(affine)
+            rows += _rows_for(make(tokens, dim, seed), data, bits, seed, center=data == "outlier_keys")
+    if real:
+        name, keys, values = real_kv(real_model, 1024)
+        rows += _rows_for(keys, f"{name} keys", bits, seed, center=True)
+        rows += _rows_for(values, f"{name} values", bits, seed, center=False)
     return rows
 
 
