@@ -27,6 +27,7 @@ from promptvault.migrations import migrations
 from promptvault.vault.namespace import Namespace, canonical_json
 
 BUSY_TIMEOUT_MS = 30_000
+WAL_LIMIT = 4 * 2**20  # bytes a checkpointed WAL is truncated to
 _CHUNK_COLS = ("key", "namespace", "parent", "position", "n_tokens", "tokens", "file", "bytes",
                "checksum", "created", "last_used", "hits")
 
@@ -38,17 +39,22 @@ class Index:
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM inherit 0600
         self.db = sqlite_utils.Database(str(self.path))
         self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        self.db.execute(f"PRAGMA journal_size_limit = {WAL_LIMIT}")
         with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
             os.chmod(lock.name, 0o600)
             fcntl.flock(lock, fcntl.LOCK_EX)
             self.db.enable_wal()
             migrations.apply(self.db)
 
-    def close(self) -> None:
-        try:  # fold the WAL back so it does not sit on disk (it counts against the disk cap)
+    def checkpoint(self) -> None:
+        """Fold the WAL back into the database and truncate it (it counts against the disk cap)."""
+        try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError:  # another process is busy: a later checkpoint does it
             pass
+
+    def close(self) -> None:
+        self.checkpoint()
         self.db.close()
 
     def _write(self, sql: str, params: Iterable = ()) -> int:

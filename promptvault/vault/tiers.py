@@ -86,18 +86,22 @@ class DiskTier:
     cap: int | None
 
     def enforce(self, index: Index, on_evict: Callable[[str], None]) -> list[str]:
-        """Evict leaf-first, least recently used, until usage <= cap; returns the evicted keys."""
-        if self.cap is None:
-            return []
-        usage = disk_usage(self.root)
+        """Evict leaf-first, least recently used, until usage <= cap; returns the evicted keys.
+
+        Usage is re-measured after each round, with the index WAL checkpointed first: deleting
+        rows writes to the WAL, which counts too.
+        """
         evicted: list[str] = []
         skipped: list[str] = []
-        while usage > self.cap:
-            rows = index.eviction_candidates(limit=64, exclude=skipped)
-            if not rows:
-                break
+        if self.cap is None or disk_usage(self.root) <= self.cap:
+            return evicted
+        while True:
+            index.checkpoint()
+            over = disk_usage(self.root) - self.cap
+            rows = index.eviction_candidates(limit=64, exclude=skipped) if over > 0 else []
+            batch, freed = [], 0
             for row in rows:
-                if usage <= self.cap:
+                if freed >= over:
                     break
                 path = self.shards / row["file"]
                 size = allocated(path)
@@ -106,8 +110,11 @@ class DiskTier:
                 except OSError:
                     skipped.append(row["key"])
                     continue
-                index.delete_chunks([row["key"]])
-                on_evict(row["key"])
-                evicted.append(row["key"])
-                usage -= size
-        return evicted
+                batch.append(row["key"])
+                freed += size
+            if not rows:
+                return evicted
+            index.delete_chunks(batch)
+            for key in batch:
+                on_evict(key)
+            evicted += batch

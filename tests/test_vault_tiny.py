@@ -1,0 +1,211 @@
+"""Vault behaviour on small random-weight mlx-lm models (fast): exact restores through plain and
+ring caches, caps, dedup, several processes on one vault, gc, rm, errors. The real-model checks
+(compression, fidelity, namespaces across models) are in test_vault.py."""
+
+import multiprocessing as mp
+import os
+import types
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.models import gemma3_text, llama
+from mlx_lm.models.cache import make_prompt_cache
+
+from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
+from promptvault.vault import Vault
+from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
+from promptvault.vault.tiers import disk_usage
+
+LOSSLESS_KV = KVCodec(LOSSLESS, LOSSLESS)
+
+
+def tiny_llama(seed=0):
+    mx.random.seed(seed)
+    m = llama.Model(llama.ModelArgs(model_type="llama", hidden_size=64, num_hidden_layers=2,
+                                    intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                    rms_norm_eps=1e-5, vocab_size=128, head_dim=16))
+    mx.eval(m.parameters())
+    return types.SimpleNamespace(model=m, fingerprint=f"tiny-llama-{seed}", tokenizer=None)
+
+
+def tiny_gemma():
+    mx.random.seed(1)
+    m = gemma3_text.Model(gemma3_text.ModelArgs(
+        model_type="gemma3_text", hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+        num_attention_heads=2, head_dim=32, rms_norm_eps=1e-6, vocab_size=128, num_key_value_heads=1,
+        sliding_window=12, sliding_window_pattern=3))
+    mx.eval(m.parameters())
+    return types.SimpleNamespace(model=m, fingerprint="tiny-gemma", tokenizer=None)
+
+
+def prompt(n, seed=0):
+    return [int(t) for t in np.random.RandomState(seed).randint(0, 128, n)]
+
+
+def last_logits(lm, tokens, cache=None, start=0):
+    cache = cache if cache is not None else make_prompt_cache(lm.model)
+    out = lm.model(mx.array([tokens[start:]]), cache=cache)
+    return out[0, -1].astype(mx.float32)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_gemma], ids=["kv", "rings"])
+def test_restore_matches_cold_for_every_kind_of_reuse(tmp_path, make):
+    lm = make()
+    base = prompt(45)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        w = vault.warm(lm, base)
+        assert (w.chunks, w.written, w.tokens_reused) == (6, 6, 0)  # 5 blocks + a 5-token leaf
+        queries = {
+            "same prompt": (base, 44),
+            "longer": (base + prompt(7, 1), 45),
+            "diverges inside block 3": (base[:27] + prompt(9, 2), 27),
+            "diverges inside the leaf": (base[:42] + [(base[42] + 1) % 128, 5], 42),
+            "shorter, mid block": (base[:19], 18),
+        }
+        for name, (query, expected) in queries.items():
+            r = vault.restore(lm, query)
+            assert r.tokens_reused == expected, name
+            assert r.tier == "ram" and r.seconds > 0
+            got = last_logits(lm, query, r.cache, r.tokens_reused)
+            assert mx.allclose(got, last_logits(lm, query), atol=1e-4).item(), name
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:  # new process-like open: disk tier
+        r = vault.restore(lm, base)
+        assert (r.tokens_reused, r.tier) == (44, "disk") and r.read_s > 0
+        assert mx.allclose(last_logits(lm, base, r.cache, 44), last_logits(lm, base), atol=1e-4).item()
+
+
+def test_restored_caches_are_independent(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(30)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, toks)
+        a = vault.restore(lm, toks)
+        b = vault.restore(lm, toks)
+        first = last_logits(lm, toks, b.cache, 29)
+        last_logits(lm, prompt(20, 5), a.cache)  # grow one cache with other tokens
+        again = vault.restore(lm, toks)
+        assert a.cache[0].offset == 49 and again.cache[0].offset == 29
+        assert mx.array_equal(last_logits(lm, toks, again.cache, 29), first).item()
+
+
+def test_dedup_writes_nothing_twice(tmp_path):
+    lm = tiny_llama()
+    shared = prompt(32)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        a = vault.warm(lm, shared + prompt(12, 1))
+        mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "shards").rglob("*.safetensors")}
+        again = vault.warm(lm, shared + prompt(12, 1))
+        assert (again.written, again.bytes_written, again.prefill_s) == (0, 0, 0.0)
+        b = vault.warm(lm, shared + prompt(12, 2))
+        assert b.tokens_reused == 32 and b.written == 2  # 4 shared blocks restored, not rewritten
+        assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+        assert len(list((tmp_path / "shards").rglob("*.safetensors"))) == a.written + b.written == 8
+
+
+def test_disk_cap_respected_leaves_first(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(70)
+    with Vault(tmp_path / "big", block_size=8, codec=LOSSLESS_KV) as big:
+        full = big.warm(lm, toks)
+    cap = disk_usage(tmp_path / "big") - 4 * (full.bytes_written // full.written)
+    with Vault(tmp_path / "v", block_size=8, codec=LOSSLESS_KV, disk_cap=cap) as vault:
+        w = vault.warm(lm, toks)
+        assert w.written == 9 and w.evicted > 0
+        assert disk_usage(tmp_path / "v") <= cap
+        r = vault.restore(lm, toks)  # what is left is the start of the chain: still a hit
+        assert r.tokens_reused == 8 * (9 - w.evicted) and r.tokens_reused > 0
+        keep = vault.lookup(lm, toks).chunks
+        assert [c["position"] for c in keep] == list(range(0, r.tokens_reused, 8))
+
+
+def test_eviction_skips_files_it_cannot_delete(tmp_path):
+    lm = tiny_llama()
+    a, b = prompt(20, 1), prompt(20, 2)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, a)
+        vault.warm(lm, b)
+        rows = vault.lookup(lm, a).chunks
+    chain_a, stuck = [r["key"] for r in rows], tmp_path / "shards" / rows[-1]["file"]
+    stuck.unlink()
+    (stuck / "x").mkdir(parents=True)  # a non-empty directory where the leaf was: os.remove fails
+    with Vault(tmp_path, codec=LOSSLESS_KV, disk_cap=1) as vault:
+        evicted = vault.gc()["evicted"]
+        # b's chain went; a's stuck leaf was skipped, so its blocks (which it extends) stay
+        assert evicted == 3 and stuck.is_dir()
+        assert sorted(r["key"] for r in vault.index.all_chunks()) == sorted(chain_a)
+
+
+def test_caps_and_paths_errors(tmp_path):
+    lm = tiny_llama()
+    with Vault(tmp_path / "v", block_size=8, codec=LOSSLESS_KV, disk_cap=100) as vault:
+        with pytest.raises(CapTooSmallError, match="smaller than one block"):
+            vault.warm(lm, prompt(20))
+    with pytest.raises(VaultSettingsError, match="block size"):
+        Vault(tmp_path / "v", block_size=16)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(VaultPathError, match="not usable"):
+        Vault(tmp_path / "file" / "vault")
+    with pytest.raises(VaultSettingsError):
+        Vault(tmp_path / "w", block_size=0)
+
+
+def test_flipped_byte_is_a_miss_and_quarantined(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(20)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, toks)
+    shard = sorted((tmp_path / "shards").rglob("*.safetensors"), key=lambda p: p.stat().st_size)[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        r = vault.restore(lm, toks)
+        assert (r.tokens_reused, r.tier, len(r.quarantined)) == (0, "none", 1)
+        assert len(r.cache) == 2 and r.cache[0].offset == 0
+        assert not shard.exists() and vault.stats()["quarantined"] == 1
+        assert vault.restore(lm, toks).tokens_reused == 16  # the intact blocks before the leaf still hit
+        assert vault.verify()["bad"] == []
+
+
+def _warm_in_child(path, seed):
+    lm = tiny_llama()
+    with Vault(path, block_size=8, codec=LOSSLESS_KV) as vault:
+        for s in range(3):
+            vault.warm(lm, prompt(40, s) + prompt(5, seed))
+
+
+def test_several_processes_share_one_vault(tmp_path):
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_warm_in_child, args=(str(tmp_path), s)) for s in (10, 11)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        files = list((tmp_path / "shards").rglob("*"))
+        assert not [f for f in files if f.name.startswith(".tmp-")]
+        assert vault.verify() == {"checked": 3 * 5 + 3 * 2, "ok": 21, "bad": []}
+        assert vault.restore(tiny_llama(), prompt(40, 1) + prompt(5, 11)).tokens_reused == 44
+
+
+def test_gc_rm_and_namespaces(tmp_path):
+    lm = tiny_llama()
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, prompt(24) + prompt(4, 1), label="a")
+        vault.warm(lm, prompt(24) + prompt(4, 2), label="b")
+        other = vault.namespace(lm, KVCodec(CodecSpec(4), CodecSpec(4)))
+        assert other.id != vault.namespace(lm).id
+        assert vault.namespace(tiny_llama(seed=3)).id != vault.namespace(lm).id
+        stale = tmp_path / "shards" / "00" / "00" / ".tmp-x.safetensors"
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"x")
+        os.utime(stale, (0, 0))
+        row = vault.lookup(lm, prompt(24) + prompt(4, 1)).chunks[-1]
+        (tmp_path / "shards" / row["file"]).unlink()
+        g = vault.gc()
+        assert g["temp_files_removed"] == 1 and g["rows_dropped"] == 1 and not stale.exists()
+        assert vault.rm(label="a") == 0  # its leaf is gone; its blocks are shared with "b"
+        assert vault.rm(label="b") == 4
+        assert vault.stats()["namespaces"][0]["chunks"] == 0
