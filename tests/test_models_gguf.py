@@ -115,6 +115,30 @@ def test_unknown_architecture_leaves_no_partial_model(tmp_path):
     assert set((models_cache_dir() / "mlx").glob("*")) == before
 
 
+def test_missing_metadata_is_named(tmp_path):
+    model, config = random_model("qwen2")
+    path = tmp_path / "no-width.gguf"
+    write_gguf(path, "qwen2", model, config, skip={"add_embedding_length"})
+    assert "qwen2.embedding_length is missing" in _one_line_error(str(path), UnsupportedModelError)
+
+
+def test_gemma_per_layer_window_pattern(tmp_path):
+    """Newer GGUFs list "is sliding" per layer; a periodic list loads, another is refused."""
+    model, config = random_model("gemma3", seed=2)
+    periodic = tmp_path / "periodic.gguf"
+    write_gguf(periodic, "gemma3", model, config, extra=lambda w: w.add_sliding_window_pattern([True] * 5 + [False]))
+    loaded = load_model(str(periodic))
+    tokens = mx.arange(30)[None]
+    assert mx.abs(loaded.model(tokens) - model(tokens)).max().item() < 1e-4
+    odd = tmp_path / "odd.gguf"
+    write_gguf(odd, "gemma3", model, config, extra=lambda w: w.add_sliding_window_pattern([True, False] * 3))
+    ok = load_model(str(odd))  # period 2 is still expressible
+    assert ok.model.args.sliding_window_pattern == 2
+    bad = tmp_path / "bad.gguf"
+    write_gguf(bad, "gemma3", model, config, extra=lambda w: w.add_sliding_window_pattern([True, False, False, True, True, False]))
+    assert "not periodic" in _one_line_error(str(bad), UnsupportedModelError)
+
+
 def test_bad_dtype(llama_gguf):
     with pytest.raises(ModelLoadError, match="unsupported dtype"):
         load_model(str(llama_gguf[0]), dtype="int8")

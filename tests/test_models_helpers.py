@@ -110,17 +110,27 @@ def gguf_name(arch: str, name: str) -> str:
     return f"blk.{layer}.{BLOCK_BY_ARCH[arch][module]}.{kind}"
 
 
-def write_gguf(path, arch: str, model, config: dict, architecture_name: str | None = None) -> None:
-    """Write `model` as an F32 GGUF file the way llama.cpp's converter would."""
+def write_gguf(path, arch: str, model, config: dict, architecture_name=None, skip=(), extra=None) -> None:
+    """Write `model` as an F32 GGUF file the way llama.cpp's converter would.
+
+    architecture_name overrides general.architecture; `skip` names GGUFWriter.add_* calls to
+    leave out; `extra(writer)` adds more metadata (both for testing broken or newer files).
+    """
     w = gguf.GGUFWriter(str(path), architecture_name or arch)
-    w.add_block_count(config["num_hidden_layers"])
-    w.add_context_length(config["max_position_embeddings"])
-    w.add_embedding_length(config["hidden_size"])
-    w.add_feed_forward_length(config["intermediate_size"])
-    w.add_head_count(config["num_attention_heads"])
-    w.add_head_count_kv(config["num_key_value_heads"])
-    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    w.add_rope_freq_base(config["rope_theta"])
+    for method, value in [
+        ("add_block_count", config["num_hidden_layers"]),
+        ("add_context_length", config["max_position_embeddings"]),
+        ("add_embedding_length", config["hidden_size"]),
+        ("add_feed_forward_length", config["intermediate_size"]),
+        ("add_head_count", config["num_attention_heads"]),
+        ("add_head_count_kv", config["num_key_value_heads"]),
+        ("add_layer_norm_rms_eps", config["rms_norm_eps"]),
+        ("add_rope_freq_base", config["rope_theta"]),
+    ]:
+        if method not in skip:
+            getattr(w, method)(value)
+    if extra is not None:
+        extra(w)
     if "head_dim" in config:
         w.add_key_length(config["head_dim"])
         w.add_value_length(config["head_dim"])

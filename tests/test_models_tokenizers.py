@@ -31,6 +31,18 @@ def test_round_trip_of_whole_file(lm):
     assert lm.tokenizer.decode(lm.tokenizer.encode(text, add_special_tokens=False)) == text
 
 
+def test_streaming_detokenizer_reproduces_text(lm):
+    """mlx-lm's generate() decodes through the streaming detokenizer it picks from our decoder."""
+    text = "\n".join(SAMPLES[:12])
+    detok = lm.tokenizer.detokenizer
+    detok.reset()
+    for token in lm.tokenizer.encode(text, add_special_tokens=False):
+        detok.add_token(token)
+    detok.finalize()
+    assert type(detok).__name__ in ("SPMStreamingDetokenizer", "BPEStreamingDetokenizer")
+    assert detok.text == text
+
+
 def test_smollm_splits_digits_and_adds_no_bos(smollm):
     tok = smollm.tokenizer
     ids = tok.encode("12345", add_special_tokens=True)

@@ -55,6 +55,7 @@ def remember_sha256(path: Path, digest: str) -> None:
     path = Path(path).resolve()
     st = path.stat()
     entries = _read_stat_cache()  # fresh read: another process may have added entries
+    entries = {name: entry for name, entry in entries.items() if os.path.exists(name)}  # forget deleted files
     entries[str(path)] = {"stat": [st.st_size, st.st_mtime_ns], "sha256": digest}
     try:
         with atomic_file(_stat_cache_path()) as tmp:

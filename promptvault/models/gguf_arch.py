@@ -80,6 +80,13 @@ def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def _required(g: GGUFFile, key: str):
+    value = g.arch_value(key)
+    if value is None:
+        raise UnsupportedModelError(f"{g.path}: metadata key {g.architecture}.{key} is missing")
+    return value
+
+
 def _rope_scaling(g: GGUFFile) -> dict | None:
     kind = g.arch_value("rope.scaling.type")
     factor = g.arch_value("rope.scaling.factor")
@@ -103,12 +110,27 @@ def _llama_extra(g: GGUFFile) -> dict:
     return extra
 
 
+def _sliding_window_pattern(g: GGUFFile) -> int:
+    """Every n-th layer is global. Gemma 3 GGUFs mostly omit it (n = 6); newer ones store n or a
+    per-layer "is sliding" list, which mlx-lm can only express when it repeats with period n."""
+    stored = g.arch_value("attention.sliding_window_pattern")
+    if stored is None:
+        return 6
+    if isinstance(stored, int):
+        return stored
+    sliding = [bool(x) for x in stored]
+    period = sliding.index(False) + 1 if False in sliding else len(sliding) + 1
+    if sliding != [(i + 1) % period != 0 for i in range(len(sliding))]:
+        raise UnsupportedModelError(f"{g.path}: sliding-window layer pattern {sliding} is not periodic")
+    return period
+
+
 def _gemma3_extra(g: GGUFFile) -> dict:
-    head_dim = int(g.arch_value("attention.key_length"))
+    head_dim = int(_required(g, "attention.key_length"))
     return {
         "head_dim": head_dim,
-        "sliding_window": int(g.arch_value("attention.sliding_window")),
-        "sliding_window_pattern": 6,  # every 6th layer is global; the GGUF does not say so
+        "sliding_window": int(_required(g, "attention.sliding_window")),
+        "sliding_window_pattern": _sliding_window_pattern(g),
         "rope_local_base_freq": 10000.0,
         "query_pre_attn_scalar": head_dim,
         "rope_scaling": _rope_scaling(g),
@@ -149,15 +171,15 @@ def model_config(g: GGUFFile, spec: ArchSpec) -> dict:
     embed = next((t for t in g.tensors if t.name == "token_embd.weight"), None)
     if embed is None:
         raise UnsupportedModelError(f"{g.path}: no token_embd.weight tensor")
-    heads = int(g.arch_value("attention.head_count"))
+    heads = int(_required(g, "attention.head_count"))
     config = {
         "model_type": spec.model_type,
-        "hidden_size": int(g.arch_value("embedding_length")),
-        "num_hidden_layers": int(g.arch_value("block_count")),
-        "intermediate_size": int(g.arch_value("feed_forward_length")),
+        "hidden_size": int(_required(g, "embedding_length")),
+        "num_hidden_layers": int(_required(g, "block_count")),
+        "intermediate_size": int(_required(g, "feed_forward_length")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(g.arch_value("attention.head_count_kv", heads)),
-        "rms_norm_eps": float(g.arch_value("attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": float(_required(g, "attention.layer_norm_rms_epsilon")),
         "vocab_size": int(embed.shape[-1]),
         "rope_theta": float(g.arch_value("rope.freq_base", 10000.0)),
         "max_position_embeddings": int(g.arch_value("context_length", 4096)),

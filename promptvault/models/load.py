@@ -13,7 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from promptvault.errors import ModelLoadError
+from promptvault.errors import ModelLoadError, PromptvaultError
 from promptvault.models.cache_dir import atomic_dir, models_cache_dir
 from promptvault.models.default import gemma_gguf_path, smollm_gguf_path
 from promptvault.models.file_hash import cached_sha256
@@ -60,11 +60,19 @@ def _dtype_name(dtype) -> str:
 
 def converted_gguf_dir(gguf_path: Path, dtype_name: str) -> Path:
     """The mlx-lm directory for a GGUF file in the model cache, converting it on first use."""
-    sha = cached_sha256(gguf_path)
+    try:
+        sha = cached_sha256(gguf_path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {gguf_path}: {exc.strerror or exc}") from None
     target = models_cache_dir() / "mlx" / f"{sha[:40]}-{dtype_name}-c{CONVERTER_VERSION}"
     if not (target / "config.json").is_file():
-        with atomic_dir(target) as tmp:
-            convert_gguf(gguf_path, tmp, DTYPES[dtype_name])
+        try:
+            with atomic_dir(target) as tmp:
+                convert_gguf(gguf_path, tmp, DTYPES[dtype_name])
+        except PromptvaultError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - disk full, odd shapes, ...: one line, no traceback
+            raise ModelLoadError(f"cannot convert {gguf_path}: {type(exc).__name__}: {_first_line(exc)}") from None
     return target
 
 
