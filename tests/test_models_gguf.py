@@ -89,6 +89,11 @@ def test_missing_path(tmp_path):
     assert "no such model file or directory" in _one_line_error("./absent-dir")
 
 
+def test_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert "mlx-lm cannot load" in _one_line_error(str(tmp_path / "empty"))
+
+
 def test_non_gguf_file(tmp_path):
     path = tmp_path / "notes.gguf"
     path.write_text("just some text, not a model\n")

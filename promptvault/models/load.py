@@ -135,7 +135,13 @@ def load_model(spec: str | None = None, dtype=None) -> LoadedModel:
         raise ModelLoadError(f"{spec} is neither a GGUF file nor an mlx-lm directory")
     if not local.exists() and _looks_like_path(spec):
         raise ModelLoadError(f"no such model file or directory: {spec}")
-    path = local if local.is_dir() else _download_hf(spec)
+    if local.is_dir():
+        return _load_mlx_dir(local, local.name, dtype)
+    return _load_mlx_dir(_download_hf(spec), spec, dtype)
+
+
+def _load_mlx_dir(path: Path, name: str, dtype) -> LoadedModel:
+    """mlx-lm directory: cast to float32 on CPU (or to `dtype` if given); keep stored dtype on GPU."""
     cast = _dtype_name(dtype) if dtype is not None or mx.default_device() == mx.cpu else None
     model, tokenizer = _mlx_load(path, cast)
-    return LoadedModel(model, tokenizer, path, fingerprint_dir(path, cast or "stored"), spec if not local.is_dir() else local.name)
+    return LoadedModel(model, tokenizer, path, fingerprint_dir(path, cast or "stored"), name)
