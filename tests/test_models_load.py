@@ -73,3 +73,15 @@ def test_unreachable_hugging_face_id_is_one_line(tmp_path):
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.count("\n") == 1 and "'nobody/no-such-model'" in run.stdout
+
+
+def test_unwritable_model_cache_is_one_line(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PROMPTVAULT_MODELS", str(blocker / "models"))
+    with pytest.raises(ModelLoadError, match="cannot write the joined Gemma GGUF") as info:
+        load_model("gemma3-270m")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelLoadError, match="cannot convert") as info:
+        load_model(str(smollm_gguf_path()))
+    assert "\n" not in str(info.value)

@@ -53,6 +53,16 @@ def gemma_gguf_path() -> Path:
     joined = models_cache_dir() / "gguf" / GEMMA_FILE
     if joined.is_file() and joined.stat().st_size == sum(p.stat().st_size for p in parts):
         return joined
+    try:
+        _join_parts(parts, joined)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot write the joined Gemma GGUF to {joined}: {exc.strerror or exc}") from None
+    remember_sha256(joined, GEMMA_SHA256)
+    return joined
+
+
+def _join_parts(parts: list, joined: Path) -> None:
+    """Concatenate the parts into `joined` atomically, refusing a result with the wrong sha256."""
     digest = hashlib.sha256()
     with atomic_file(joined) as tmp:
         with open(tmp, "wb") as out:
@@ -63,5 +73,3 @@ def gemma_gguf_path() -> Path:
                         out.write(chunk)
         if digest.hexdigest() != GEMMA_SHA256:
             raise ModelLoadError(f"the Gemma GGUF parts join to the wrong sha256: reinstall with `{GEMMA_INSTALL}`")
-    remember_sha256(joined, GEMMA_SHA256)
-    return joined
