@@ -209,3 +209,35 @@ def test_gc_rm_and_namespaces(tmp_path):
         assert vault.rm(label="a") == 0  # its leaf is gone; its blocks are shared with "b"
         assert vault.rm(label="b") == 4
         assert vault.stats()["namespaces"][0]["chunks"] == 0
+
+
+def test_save_a_live_cache_then_restore(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(37)
+    cache = make_prompt_cache(lm.model)
+    cold = last_logits(lm, toks, cache)  # the cache now holds all 37 tokens
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        s = vault.save(lm, cache, toks)
+        assert (s.chunks, s.written, s.prefill_s) == (5, 5, 0.0)
+        assert vault.save(lm, cache, toks).written == 0
+        longer = toks + prompt(3, 4)
+        r = vault.restore(lm, longer)
+        assert r.tokens_reused == 37
+        ref = last_logits(lm, longer)
+        assert mx.allclose(last_logits(lm, longer, r.cache, 37), ref, atol=1e-4).item()
+        assert vault.warm(lm, toks).written == 0  # warm sees the saved chunks
+
+
+def test_warm_rewrites_a_corrupted_block(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(30)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, toks[:24])
+        first = vault.lookup(lm, toks).chunks[0]
+    path = tmp_path / "shards" / first["file"]
+    path.write_bytes(path.read_bytes()[:-3] + b"xyz")
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        w = vault.warm(lm, toks)
+        assert (w.tokens_reused, w.written) == (0, 2)  # block 0 again, plus the new leaf
+        assert vault.verify() == {"checked": 4, "ok": 4, "bad": []}
+        assert vault.restore(lm, toks).tokens_reused == 29

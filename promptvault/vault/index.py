@@ -143,7 +143,9 @@ class Index:
     def add_warmed(self, namespace: str, label: str | None, source: str | None, n_tokens: int,
                    last_key: str) -> None:
         self._write("INSERT INTO warmed (namespace, label, source, n_tokens, last_key, created) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", (namespace, label, source, n_tokens, last_key, time.time()))
+                    "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM warmed WHERE last_key = ? "
+                    "AND label IS ? AND source IS ?)",
+                    (namespace, label, source, n_tokens, last_key, time.time(), last_key, label, source))
 
     def warmed(self) -> list[dict]:
         return self._rows("SELECT * FROM warmed ORDER BY id")

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -34,7 +35,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import CodecSpec, KVCodec
-from promptvault.vault import caches
+from promptvault.vault import caches, compact
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
 from promptvault.vault.index import Index
 from promptvault.vault.keys import bytes_to_tokens, chunk_key, tokens_to_bytes
@@ -247,8 +248,8 @@ class Vault:
             info = json.loads(shard.metadata["chunk"])
             if info["key"] != row["key"] or shard.checksum != row["checksum"]:
                 raise CorruptShard("shard does not hold the indexed chunk")
-            ns = json.loads(shard.metadata["namespace"])
-            meta = {**json.loads(shard.metadata["payload"]), "layout": ns["layout"]["layers"],
+            ns = compact.unpack(shard.metadata["namespace"])
+            meta = {**compact.unpack(shard.metadata["payload"]), "layout": ns["layout"]["layers"],
                     "codec": ns["codec"]}
         except FileNotFoundError:  # evicted by another process meanwhile
             self.index.delete_chunks([row["key"]])
@@ -293,7 +294,9 @@ class Vault:
         rows = [self.index.chunk(k) for k in keys[:done]]
         if done and None not in rows and not all(k in have for k in keys):
             payloads, bad = self._payloads(rows)
-            if not bad:
+            if bad:  # quarantined: store those chunks again
+                have = self.index.existing(keys)
+            else:
                 reused = spans[done - 1][1]
                 cache = caches.restore_cache(lm.model, payloads, reused)
         res = StoreResult(ns.id, len(toks), len(keys), 0, 0, reused, 0.0, 0.0, 0.0, 0)
@@ -352,7 +355,7 @@ class Vault:
         rel = relpath(key)
         nbytes, checksum = write_shard(self.shards / rel, arrays, {
             "format": SHARD_FORMAT, "chunk": canonical_json(chunk),
-            "namespace": canonical_json(ns.descriptor), "payload": canonical_json(meta)})
+            "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)})
         self.index.add_namespace(ns)
         inserted = self.index.add_chunk(
             {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": nbytes,
@@ -411,7 +414,7 @@ class Vault:
         if meta.get("format") != SHARD_FORMAT:
             raise CorruptShard(f"unknown shard format {meta.get('format')!r}")
         chunk = json.loads(meta["chunk"])
-        ns = Namespace.from_descriptor(json.loads(meta["namespace"]))
+        ns = Namespace.from_descriptor(compact.unpack(meta["namespace"]))
         if ns.id != chunk["namespace"] or path.name != f"{chunk['key']}{SUFFIX}":
             raise CorruptShard("shard metadata does not match its name or namespace")
         self.index.add_namespace(ns)
@@ -531,9 +534,15 @@ def _eval_cache(cache: list) -> None:
     mx.eval([v for c in cache for _, v in tree_flatten(c.state) if isinstance(v, mx.array)])
 
 
+_PROBES: dict[int, tuple] = {}  # id(model) -> (weakref to it, probe result): once per process
+
+
 def _probe(model) -> tuple[list, str, list]:
     """Layer layout, KV dtype and per-layer state shapes after one token: what the stored bytes
     depend on besides the weights (a float16 and a float32 run of one model must not mix)."""
+    known = _PROBES.get(id(model))
+    if known is not None and known[0]() is model:
+        return known[1]
     cache = make_prompt_cache(model)
     layout = caches.layer_layout(cache)
     model(mx.array([[0]], dtype=mx.uint32), cache=cache)
@@ -542,4 +551,6 @@ def _probe(model) -> tuple[list, str, list]:
         arrays = [v for _, v in tree_flatten(c.state) if isinstance(v, mx.array)]
         shapes.append([[str(a.dtype).removeprefix("mlx.core."), list(a.shape)] for a in arrays])
         dtypes += [s[0] for s in shapes[-1]]
-    return layout, (dtypes[0] if dtypes else "none"), shapes
+    result = (layout, dtypes[0] if dtypes else "none", shapes)
+    _PROBES[id(model)] = (weakref.ref(model), result)
+    return result
