@@ -7,22 +7,30 @@ from mlx_lm.generate import generate_step
 from promptvault.vault.caches import encode_block
 
 
-def warm_blocks(model, cache, tokens, block, kv):
-    """Prefill `tokens` block by block, capturing each block right after it is processed."""
-    payloads = []
+def _body(model):
+    """The model without its LM head: prefill needs only the cache, not logits for every token."""
+    return getattr(model, "model", model)
+
+
+def warm_blocks(model, cache, tokens, block, kv, *more_kvs):
+    """Prefill `tokens` block by block, capturing each block right after it is processed
+    (with each codec given: one payload list per codec, or just the list for one codec)."""
+    kvs = (kv, *more_kvs)
+    payloads = [[] for _ in kvs]
     for start in range(0, len(tokens), block):
         end = min(start + block, len(tokens))
-        model(mx.array(tokens[start:end])[None], cache=cache)
+        _body(model)(mx.array(tokens[start:end])[None], cache=cache)
         mx.eval([c.state for c in cache])
-        payloads.append(encode_block(cache, start, end, kv))
-    return payloads
+        for out, codec in zip(payloads, kvs):
+            out.append(encode_block(cache, start, end, codec))
+    return payloads if more_kvs else payloads[0]
 
 
 def prefill(model, cache, tokens, chunk=None):
     """The normal prefill: one forward pass (or fixed chunks, as generate_step's prefill_step_size)."""
     chunk = chunk or len(tokens)
     for start in range(0, len(tokens), chunk):
-        model(mx.array(tokens[start : start + chunk])[None], cache=cache)
+        _body(model)(mx.array(tokens[start : start + chunk])[None], cache=cache)
     mx.eval([c.state for c in cache])
     return cache
 
