@@ -168,6 +168,7 @@ def test_ring_rows_lost_before_capture_are_refused(tiny_gemma):
     payloads = [encode_block(cache, s, min(s + 16, 81), LOSSLESS_KV) for s in range(0, 81, 16)]
     ring_tokens = [seg["tokens"] for p in payloads for seg in p.meta["layers"][0]["segments"]]
     assert ring_tokens == [[49, 64], [64, 80], [80, 81]]
+    assert [p.complete for p in payloads] == [False, False, False, False, True, True]
     restored = restore_cache(model, payloads, 81)
     natural = prefill(model, make_prompt_cache(model), tokens)
     assert greedy(model, restored, 7) == greedy(model, natural, 7)
@@ -179,6 +180,7 @@ def test_restore_twice_is_independent(tiny_gemma):
     model = tiny_gemma
     tokens = _tokens(70, seed=11)
     payloads = warm_blocks(model, make_prompt_cache(model), tokens, 16, LOSSLESS_KV)
+    assert all(p.complete for p in payloads)
     snapshot = [{k: mx.array(v) for k, v in p.arrays.items()} for p in payloads]
     first = greedy(model, restore_cache(model, payloads, 50), tokens[50], n=40)
     second = greedy(model, restore_cache(model, payloads, 50), tokens[50], n=40)

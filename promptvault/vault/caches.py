@@ -72,6 +72,21 @@ class BlockPayload:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
+    @property
+    def complete(self) -> bool:
+        """Every layer holds every token of the block. False when a ring had already dropped
+        some of its rows when it was captured (a cache saved after the fact): such a block
+        serves only restores whose window lies within the rows it kept."""
+        return all(_complete(m, self.end - self.start) for m in self.meta["layers"])
+
+
+def _complete(meta: dict, n: int) -> bool:
+    if "children" in meta:
+        return all(_complete(m, n) for m in meta["children"])
+    if "segments" in meta:
+        return sum(b - a for a, b in (s["tokens"] for s in meta["segments"])) == n
+    return True  # a recurrent-state snapshot is whole by construction
+
 
 def _adapter(cache):
     mod = _ADAPTERS.get(type(cache))
