@@ -23,9 +23,12 @@ RULES = "\n".join(
 SYSTEM = f"You are the support assistant of a small hardware shop. Follow these rules:\n{RULES}"
 
 
-def chat_tokens(lm, question: str) -> list[int]:
-    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
-    return list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+def chat_tokens(lm, question: str | None) -> list[int]:
+    """The chat prompt; with no question, just the system turn (a prefix of every chat)."""
+    messages = [{"role": "system", "content": SYSTEM}]
+    if question is not None:
+        messages.append({"role": "user", "content": question})
+    return list(lm.tokenizer.apply_chat_template(messages, add_generation_prompt=question is not None))
 
 
 def answer(lm, vault: Vault, question: str) -> None:
@@ -39,15 +42,14 @@ def answer(lm, vault: Vault, question: str) -> None:
     for out in stream_generate(lm.model, lm.tokenizer, tokens[r.tokens_reused:], max_tokens=40,
                                prompt_cache=r.cache):
         text += out.text
-    print(f"A: {text.strip()}\n   (first answer token after {time.perf_counter() - t0:.2f} s in all)")
+    print(f"A: {text.strip()}\n   (restore + 40-token answer: {time.perf_counter() - t0:.2f} s)")
 
 
 def main() -> None:
     path = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="promptvault-")
     lm = load_model()
     with Vault(path) as vault:  # default block size 256, default codec (4-bit keys, 3-bit values)
-        prefix = chat_tokens(lm, "")[:-8]  # the system prompt, without the (empty) question's tail
-        w = vault.warm(lm, prefix, label="support-system-prompt")
+        w = vault.warm(lm, chat_tokens(lm, None), label="support-system-prompt")
         print(f"warmed {w.tokens} tokens: {w.written} new chunks, {w.bytes_written / 1e6:.2f} MB, "
               f"prefill {w.prefill_s:.2f} s, encode {w.encode_s:.2f} s, write {w.write_s:.2f} s")
         answer(lm, vault, "What is the resolution window for order type 12?")
