@@ -9,7 +9,7 @@ import types
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.models import gemma3_text, llama
+from mlx_lm.models import gemma3_text, llama, qwen3_5
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
@@ -37,6 +37,18 @@ def tiny_gemma():
         sliding_window=12, sliding_window_pattern=3))
     mx.eval(m.parameters())
     return types.SimpleNamespace(model=m, fingerprint="tiny-gemma", tokenizer=None)
+
+
+def tiny_hybrid():
+    """qwen3_5 text: 3 gated-delta layers (ArraysCache: recurrent state), 1 attention layer."""
+    mx.random.seed(2)
+    m = qwen3_5.TextModel(qwen3_5.TextModelArgs(
+        model_type="qwen3_5_text", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=128,
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_value_head_dim=16, linear_conv_kernel_dim=4, full_attention_interval=4))
+    mx.eval(m.parameters())
+    return types.SimpleNamespace(model=m, fingerprint="tiny-hybrid", tokenizer=None)
 
 
 def prompt(n, seed=0):
@@ -73,6 +85,18 @@ def test_restore_matches_cold_for_every_kind_of_reuse(tmp_path, make):
         r = vault.restore(lm, base)
         assert (r.tokens_reused, r.tier) == (44, "disk") and r.read_s > 0
         assert mx.allclose(last_logits(lm, base, r.cache, 44), last_logits(lm, base), atol=1e-4).item()
+
+
+def test_recurrent_state_restores_only_at_block_ends(tmp_path):
+    lm = tiny_hybrid()
+    base = prompt(45)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, base)
+        for query, expected in ((base, 40), (base[:27] + prompt(9, 2), 24), (base + [3, 4], 45)):
+            r = vault.restore(lm, query)
+            assert r.tokens_reused == expected
+            got = last_logits(lm, query, r.cache, r.tokens_reused)
+            assert mx.allclose(got, last_logits(lm, query), atol=1e-4).item()
 
 
 def test_restored_caches_are_independent(tmp_path):
