@@ -119,8 +119,7 @@ def test_restore_at_block_end_is_bit_exact(tiny_gemma):
     cache = make_prompt_cache(model)
     payloads = []
     for n in (24, 48, 72, 96):
-        prefill(model, cache, tokens[n - 24 : n])
-        payloads.append(encode_block(cache, n - 24, n, LOSSLESS_KV))
+        payloads += warm_blocks(model, cache, tokens[n - 24 : n], 24, LOSSLESS_KV, at=n - 24)
         restored = restore_cache(model, payloads, n)
         for live, res in zip(cache, restored):
             if isinstance(live, RotatingKVCache):
@@ -152,6 +151,23 @@ def test_rings_with_keep(tiny_llama):
             assert (res.offset, res._idx, res.keep) == (n, min(n, 40), 4)
             assert mx.allclose(res.keys, ref_k, atol=1e-4).item()
         assert greedy(model, restored, tokens[n]) == greedy(model, natural, tokens[n]), n
+
+
+def test_single_token_blocks_through_rotated_rings(tiny_gemma):
+    """Blocks of one token go through mlx-lm's in-place ring update (the buffer rotates and
+    `_idx` wraps); the captured rows still restore to a ring that generates like a natural one."""
+    model = tiny_gemma
+    tokens = _tokens(45, seed=31)
+    cache = make_prompt_cache(model)
+    payloads = warm_blocks(model, cache, tokens[:4], 4, LOSSLESS_KV)
+    payloads += warm_blocks(model, cache, tokens[4:44], 1, LOSSLESS_KV, at=4)
+    for i, p in enumerate(payloads[1:]):
+        for layer in p.meta["layers"]:
+            assert [tuple(seg["tokens"]) for seg in layer["segments"]] == [(4 + i, 5 + i)]
+    assert cache[0]._idx == 44 - 32 and cache[0].offset == 44  # rotated in place
+    for n in (10, 32, 33, 44):
+        natural = prefill(model, make_prompt_cache(model), tokens[:n])
+        assert greedy(model, restore_cache(model, payloads, n), tokens[n]) == greedy(model, natural, tokens[n])
 
 
 def test_ring_rows_lost_before_capture_are_refused(tiny_gemma):
@@ -246,6 +262,22 @@ def test_cache_list_round_trip(tiny_llama):
     ref_k, ref_v = ring_view(cache[0].caches[1])
     assert same(ring.keys, ref_k) and same(ring.values, ref_v) and (ring.offset, ring._idx) == (40, 8)
     assert same(restored[1].values[..., :40, :], cache[1].values[..., :40, :])
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_half_precision_kept(dtype):
+    mx.random.seed(37)
+    cache = [KVCache(), RotatingKVCache(24, keep=2)]
+    lossless, tq = [], []
+    for start in range(0, 60, 20):
+        for c in cache:
+            c.update_and_fetch(mx.random.normal((1, 2, 20, 64)).astype(dtype), mx.random.normal((1, 2, 20, 64)).astype(dtype))
+        lossless.append(encode_block(cache, start, start + 20, LOSSLESS_KV))
+        tq.append(encode_block(cache, start, start + 20, TQ3))
+    restored = restore_cache(None, lossless, 60)
+    assert same(restored[0].keys[..., :60, :], cache[0].keys[..., :60, :])
+    assert same(restored[1].values, ring_view(cache[1])[1])
+    assert all(c.keys.dtype == dtype for c in restore_cache(None, tq, 50))
 
 
 def test_unknown_cache_type_is_named():

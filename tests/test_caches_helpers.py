@@ -12,9 +12,9 @@ def _body(model):
     return getattr(model, "model", model)
 
 
-def warm_blocks(model, cache, tokens, block, kv, *more_kvs):
-    """Prefill `tokens` block by block, capturing each block right after it is processed
-    (with each codec given: one payload list per codec, or just the list for one codec)."""
+def warm_blocks(model, cache, tokens, block, kv, *more_kvs, at=0):
+    """Prefill `tokens` (prompt positions at, at+1, ...) block by block, capturing each block
+    right after it is processed (one payload list per codec given, or the list for one)."""
     kvs = (kv, *more_kvs)
     payloads = [[] for _ in kvs]
     for start in range(0, len(tokens), block):
@@ -22,7 +22,7 @@ def warm_blocks(model, cache, tokens, block, kv, *more_kvs):
         _body(model)(mx.array(tokens[start:end])[None], cache=cache)
         mx.eval([c.state for c in cache])
         for out, codec in zip(payloads, kvs):
-            out.append(encode_block(cache, start, end, codec))
+            out.append(encode_block(cache, at + start, at + end, codec))
     return payloads if more_kvs else payloads[0]
 
 
