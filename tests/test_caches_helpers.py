@@ -35,9 +35,11 @@ def prefill(model, cache, tokens, chunk=None):
     return cache
 
 
-def greedy(model, cache, next_token, n=24):
-    """n greedy tokens from mlx-lm's generate_step, continuing the cache with `next_token`."""
-    steps = generate_step(mx.array([next_token]), model, prompt_cache=cache, max_tokens=n)
+def greedy(model, cache, next_tokens, n=24):
+    """n greedy tokens from mlx-lm's generate_step, continuing the cache with `next_tokens`
+    (one token id, or a list: all but the last go through the multi-token prefill path)."""
+    prompt = next_tokens if isinstance(next_tokens, list) else [next_tokens]
+    steps = generate_step(mx.array(prompt), model, prompt_cache=cache, max_tokens=n)
     return [int(tok) for tok, _ in steps]
 
 
