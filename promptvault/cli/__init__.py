@@ -1,19 +1,64 @@
 """The `promptvault` command: a thin click layer over the library.
 
-Each verb lives in its own module and calls one library function; this module only assembles
-the group so that `promptvault --help` lists everything.
+Each verb lives in its own module and calls library functions; this module assembles the group
+and turns every expected failure into one line on stderr with a non-zero exit status:
+PromptvaultError and OS errors (missing files, full disk, permissions) exit 1, usage errors
+(bad flags or values) exit 2.
 """
+
+import sys
 
 import click
 
 from promptvault import __version__
 from promptvault.cli.bench import bench
+from promptvault.cli.doctor import doctor
+from promptvault.cli.maintenance import COMMANDS as MAINTENANCE_COMMANDS
+from promptvault.cli.run import run_cmd
+from promptvault.cli.warm import warm_cmd
+from promptvault.errors import PromptvaultError
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+class OneLineErrorGroup(click.Group):
+    """A click group whose errors are one line (`error: …`) instead of usage dumps or tracebacks."""
+
+    def main(self, args=None, prog_name=None, **extra):
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args=args, prog_name=prog_name, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            command = e.ctx.command_path if e.ctx else "promptvault"
+            click.echo(f"error: {_one_line(e.format_message())} (see: {command} --help)", err=True)
+            sys.exit(2)
+        except click.ClickException as e:
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
+            sys.exit(e.exit_code or 1)
+        except PromptvaultError as e:
+            click.echo(f"error: {_one_line(e)}", err=True)
+            sys.exit(1)
+        except OSError as e:
+            where = f": {e.filename}" if getattr(e, "filename", None) else ""
+            click.echo(f"error: {_one_line(e.strerror or e)}{where}", err=True)
+            sys.exit(1)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="promptvault")
 def main():
-    """Compressed on-disk prompt caches for MLX / mlx-lm."""
+    """Compressed on-disk prompt caches for MLX / mlx-lm.
+
+    Warm a prompt once (`promptvault warm FILE`); later runs that start with it restore its
+    cache instead of prefilling (`promptvault run --prompt-file FILE`).
+    """
 
 
-main.add_command(bench)
+for command in (warm_cmd, run_cmd, *MAINTENANCE_COMMANDS, doctor, bench):
+    main.add_command(command)

@@ -1,0 +1,119 @@
+"""Options every verb shares, and turning them into a Vault and a model.
+
+Options sit on each verb (`promptvault run --model X`), as in mlx-lm, rather than on the group.
+"""
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import click
+
+from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def default_vault_path() -> Path:
+    """$PROMPTVAULT_HOME, else ~/.cache/promptvault."""
+    return Path(os.environ.get("PROMPTVAULT_HOME") or Path.home() / ".cache" / "promptvault")
+
+
+class ByteSize(click.ParamType):
+    """A byte count: 1048576, 512K, 300M, 2G (binary units)."""
+
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        match = _SIZE.match(str(value))
+        if not match:
+            self.fail(f"{value!r} is not a size (examples: 500M, 2G, 1048576)", param, ctx)
+        return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+class Bits(click.ParamType):
+    """Bits per coordinate: 1..8, or 'lossless'."""
+
+    name = "bits"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        if str(value).lower() == "lossless":
+            return "lossless"
+        try:
+            bits = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not 1..8 or 'lossless'", param, ctx)
+        if not 1 <= bits <= 8:
+            self.fail(f"{bits} is not in 1..8 (or 'lossless')", param, ctx)
+        return bits
+
+
+def vault_options(fn):
+    """--vault and the settings that shape stored entries and caps."""
+
+    @click.option("--vault", "vault_path", type=click.Path(path_type=Path), default=None,
+                  help="Vault directory [default: $PROMPTVAULT_HOME or ~/.cache/promptvault].")
+    @click.option("--block-size", type=click.IntRange(min=1), default=None,
+                  help="Tokens per block; fixed when the vault is created [default: 256].")
+    @click.option("--ram-cap", type=ByteSize(), default=None, help="RAM tier cap, e.g. 256M.")
+    @click.option("--disk-cap", type=ByteSize(), default=None, help="Disk cap for the whole vault, e.g. 10G.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def codec_options(fn):
+    """--key-bits / --value-bits (and centering) for entries this command writes or reads."""
+
+    @click.option("--key-bits", type=Bits(), default=None, help="Bits per key coordinate (1..8 or lossless).")
+    @click.option("--value-bits", type=Bits(), default=None, help="Bits per value coordinate (1..8 or lossless).")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def model_option(fn):
+    return click.option("--model", "-m", default=None,
+                        help="mlx-lm dir, Hugging Face id, .gguf file, or alias [default: SmolLM2-135M-Instruct].")(fn)
+
+
+def json_option(fn):
+    return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(fn)
+
+
+def make_codec(key_bits, value_bits) -> KVCodec | None:
+    """The KVCodec for --key-bits/--value-bits, or None to use the vault's default.
+
+    Keys are centered (their channel offsets are stored exactly) whenever they are quantized.
+    """
+    if key_bits is None and value_bits is None:
+        return None
+    from promptvault.vault import DEFAULT_CODEC
+
+    def spec(bits, default: CodecSpec, center: bool) -> CodecSpec:
+        if bits is None:
+            return default
+        if bits == "lossless":
+            return LOSSLESS
+        return CodecSpec(bits=bits, center=center)
+
+    return KVCodec(keys=spec(key_bits, DEFAULT_CODEC.keys, True), values=spec(value_bits, DEFAULT_CODEC.values, False))
+
+
+def open_vault(vault_path, block_size, ram_cap, disk_cap, codec=None):
+    from promptvault.vault import Vault
+
+    kwargs = {"block_size": block_size, "disk_cap": disk_cap, "codec": codec}
+    if ram_cap is not None:
+        kwargs["ram_cap"] = ram_cap
+    return Vault(vault_path or default_vault_path(), **kwargs)

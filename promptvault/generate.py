@@ -1,0 +1,94 @@
+"""Generate from a prompt, reusing the longest stored prefix of it: the library side of `run`.
+
+With a vault, the longest stored prefix is restored into fresh mlx-lm caches and generation
+starts from it: only the tokens after that prefix (at least the last one) go through the model
+before the first new token. The prompt's new blocks are stored after the answer, off the path to
+the first token: straight from the live cache when every layer is a plain KVCache (its rows for
+the prompt are still there), otherwise by `Vault.warm`, which recomputes them (a ring has dropped
+old rows, recurrent state has moved on). Without a vault the run is an ordinary cold mlx-lm
+generation, for comparison.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate
+from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.sample_utils import make_sampler
+
+from promptvault.errors import PromptvaultError
+
+
+@dataclass
+class RunResult:
+    text: str
+    prompt_tokens: int
+    reused_tokens: int
+    tier: str  # "ram", "disk", or "none" (nothing reused / no vault)
+    saved_chunks: int  # blocks this run wrote to the vault
+    save_s: float  # storing new blocks, after the answer (0 when nothing new or --no-save)
+    restore_s: float
+    prefill_s: float  # remaining prompt tokens through the model, up to the first new token
+    ttft_s: float  # start of the run (before any vault work) to the first new token
+    generation_tokens: int
+    generation_tps: float
+    finish_reason: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def run_prompt(
+    lm,
+    tokens: list[int],
+    *,
+    vault=None,
+    save: bool = True,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    on_text: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Generate up to max_tokens after `tokens`; `on_text` receives text as it streams."""
+    if not tokens:
+        raise PromptvaultError("empty prompt: nothing to run")
+    if max_tokens < 1:
+        raise PromptvaultError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if seed is not None:
+        mx.random.seed(seed)
+    start = time.perf_counter()
+    if vault is not None:
+        restored = vault.restore(lm, tokens)
+        cache, reused, tier, restore_s = restored.cache, restored.tokens_reused, restored.tier, restored.seconds
+    else:
+        cache, reused, tier, restore_s = make_prompt_cache(lm.model), 0, "none", 0.0
+    prefill_start = time.perf_counter()
+    pieces, ttft_s, prefill_s, last = [], 0.0, 0.0, None
+    for response in stream_generate(
+        lm.model, lm.tokenizer, mx.array(tokens[reused:]), max_tokens=max_tokens,
+        sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=cache,
+    ):
+        if last is None:
+            now = time.perf_counter()
+            ttft_s, prefill_s = now - start, now - prefill_start
+        last = response
+        pieces.append(response.text)
+        if on_text is not None and response.text:
+            on_text(response.text)
+    saved, save_s = 0, 0.0
+    if vault is not None and save:
+        save_start = time.perf_counter()
+        if all(type(layer) is KVCache for layer in cache):
+            stored = vault.save(lm, cache, tokens)
+        else:
+            stored = vault.warm(lm, tokens)
+        saved, save_s = stored.written, time.perf_counter() - save_start
+    return RunResult(
+        text="".join(pieces), prompt_tokens=len(tokens), reused_tokens=reused, tier=tier,
+        saved_chunks=saved, save_s=save_s, restore_s=restore_s, prefill_s=prefill_s, ttft_s=ttft_s,
+        generation_tokens=last.generation_tokens, generation_tps=last.generation_tps,
+        finish_reason=last.finish_reason,
+    )
