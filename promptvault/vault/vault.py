@@ -129,15 +129,18 @@ class Vault:
                 raise VaultSettingsError(f"{name} must be >= 0 bytes, got {cap}")
         self.ram = RamTier(ram_cap)
         self.disk = DiskTier(self.root, self.shards, disk_cap)
-        self._namespaces: dict[tuple, Namespace] = {}
         if new_index and any(self.shards.iterdir()):
             self.reindex()  # the index was lost: the files are the truth
 
     def _settings(self, block_size: int | None) -> int:
         path = self.root / "vault.json"
         if path.exists():
-            settings = json.loads(path.read_text())
-            if settings.get("format") != FORMAT_VERSION:
+            try:
+                settings = json.loads(path.read_text())
+                settings["block_size"], settings["format"]
+            except (ValueError, KeyError, TypeError):
+                raise VaultSettingsError(f"{path} is unreadable: not a promptvault vault?") from None
+            if settings["format"] != FORMAT_VERSION:
                 raise VaultSettingsError(f"{self.root} has vault format {settings.get('format')}, "
                                          f"this promptvault reads {FORMAT_VERSION}")
             if block_size is not None and block_size != settings["block_size"]:
@@ -174,16 +177,10 @@ class Vault:
 
     def namespace(self, lm, codec: KVCodec | None = None) -> Namespace:
         """The namespace of `lm` with `codec` (default: the vault's) in this vault."""
-        codec = codec or self.codec
-        key = (lm.fingerprint, id(lm.model), canonical_json(codec.to_json()))
-        ns = self._namespaces.get(key)
-        if ns is None:
-            layout, kv_dtype, shapes = _probe(lm.model)
-            ns = make_namespace(model_fingerprint=lm.fingerprint, kv_dtype=kv_dtype,
-                                layout={"layers": layout, "shapes": shapes}, block_size=self.block_size,
-                                codec=codec.to_json())
-            self._namespaces[key] = ns
-        return ns
+        layout, kv_dtype, shapes = _probe(lm.model)
+        return make_namespace(model_fingerprint=lm.fingerprint, kv_dtype=kv_dtype,
+                              layout={"layers": layout, "shapes": shapes}, block_size=self.block_size,
+                              codec=(codec or self.codec).to_json())
 
     # lookup / restore
 
@@ -278,9 +275,10 @@ class Vault:
     def warm(self, lm, tokens, *, label: str | None = None, source: str | None = None) -> StoreResult:
         """Prefill `tokens` block by block through `lm` and store every block not yet stored.
 
-        Blocks already in the vault are restored instead of recomputed (full blocks only, so
-        every stored block starts where a stored one ends). The prompt's tail shorter than a
-        block is stored as a leaf.
+        Leading blocks already in the vault are restored instead of recomputed (full blocks
+        only), so with a lossy codec the new blocks are computed from the decoded prefix: the
+        same state a later restore of that prefix continues from. The prompt's tail shorter than
+        a block is stored as a leaf.
         """
         toks = _tokens(lm, tokens)
         ns = self.namespace(lm)
