@@ -1,6 +1,7 @@
 """The vault on the real models: shared prefixes stored once, bytes on disk vs fp16, fidelity of
 restores (lossless: same greedy tokens as cold), corrupted shards, namespaces, reindex."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,27 @@ def test_gemma_rings_restore_through_the_vault(gemma, tmp_path):
         got = gemma.model(mx.array([query[650:]]), cache=r.cache)[0, -1]
         assert int(mx.argmax(got).item()) == int(mx.argmax(cold).item())
         assert mx.allclose(got, cold, atol=1e-2, rtol=1e-3).item()
+
+
+def test_shards_describe_themselves(shared_vault, smollm):
+    from safetensors import safe_open
+
+    from promptvault.vault.compact import unpack
+
+    root, a, *_ = shared_vault
+    with Vault(root, codec=K3V3) as vault:
+        rows = vault.lookup(smollm, a + [0]).chunks
+    path = root / "shards" / rows[1]["file"]
+    with safe_open(str(path), framework="numpy") as f:  # a plain safetensors reader
+        meta = f.metadata()
+        assert f.get_tensor("_tokens").tolist() == a[256:512]
+        assert f.get_tensor("l00.s0.k.codes").shape == (1, 3, 256, 24)  # 64 coords x 3 bits
+    chunk = json.loads(meta["chunk"])
+    assert chunk == {"key": rows[1]["key"], "parent": rows[0]["key"], "namespace": rows[1]["namespace"],
+                     "position": 256, "n_tokens": 256}
+    ns = unpack(meta["namespace"])
+    assert ns["model"] == smollm.fingerprint and ns["codec"] == K3V3.to_json() and ns["block_size"] == 256
+    assert len(ns["layout"]["layers"]) == 30 and meta["checksum"].startswith("xxh3_64:")
+    assert len(unpack(meta["payload"])["layers"]) == 30
+    header = int.from_bytes(path.read_bytes()[:8], "little")
+    assert header < 0.015 * path.stat().st_size  # compact metadata: ~1% of a block

@@ -265,3 +265,15 @@ def test_warm_rewrites_a_corrupted_block(tmp_path):
         assert (w.tokens_reused, w.written) == (0, 2)  # block 0 again, plus the new leaf
         assert vault.verify() == {"checked": 4, "ok": 4, "bad": []}
         assert vault.restore(lm, toks).tokens_reused == 29
+
+
+def test_restore_reads_only_the_shards_it_needs(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(40)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, toks)
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        r = vault.restore(lm, toks[:11] + prompt(4, 3))  # needs blocks 0 and 1 (LCP 3 tokens)
+        assert r.tokens_reused == 11 and vault.ram.nbytes > 0 and len(vault.ram) == 2
+        hits = sorted(vault.index.chunk(k)["hits"] for k in [c["key"] for c in vault.lookup(lm, toks).chunks])
+        assert hits == [0, 0, 0, 1, 1]
