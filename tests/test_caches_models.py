@@ -62,14 +62,14 @@ def test_smollm2_kvcache_restore_and_turboquant(smollm):
     model = smollm.model
     tokens = _tokens(smollm, 401)
     payloads, tq3 = warm_blocks(model, make_prompt_cache(model), tokens, 256, LOSSLESS_KV, TQ3)
-    for n in (400, 300):
+    for n, n_gen in ((400, 24), (300, 12)):
         natural = prefill(model, make_prompt_cache(model), tokens[:n])
-        _check_same_generation(model, [payloads], tokens, n, natural, 24)
+        _check_same_generation(model, [payloads], tokens, n, natural, n_gen)
     # 3-bit TurboQuant keys and values: restores to the same cache types and generates.
     assert sum(p.nbytes for p in tq3) * 4 < sum(p.nbytes for p in payloads)
     restored = restore_cache(model, tq3, 400)
     assert all(c.offset == 400 and c.keys.dtype == mx.float32 for c in restored)
-    assert len(set(greedy(model, restored, tokens[400]))) > 1
+    assert len(set(greedy(model, restored, tokens[400], n=8))) > 1
 
 
 def test_smollm2_keep4_rings(smollm):
@@ -84,4 +84,4 @@ def test_smollm2_keep4_rings(smollm):
     payloads = warm_blocks(model, rings(), tokens, 256, LOSSLESS_KV)
     for n in (150, 300, 301, 557):
         natural = prefill(model, rings(), tokens[:n], chunk=256)
-        _check_same_generation(model, [payloads], tokens, n, natural, 24)
+        _check_same_generation(model, [payloads], tokens, n, natural, 24 if n == 557 else 12)
