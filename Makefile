@@ -29,7 +29,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 demo: setup
-	$(PRELOAD) $(BIN)/promptvault bench codec
+	$(PRELOAD) PROMPTVAULT=$(BIN)/promptvault examples/demo.sh
 
 test: setup
 	$(PRELOAD) $(BIN)/python -m pytest -q $(PYTEST_ARGS)
