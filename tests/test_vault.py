@@ -49,7 +49,7 @@ def shared_vault(smollm, text_tokens, tmp_path_factory):
     return root, a, b, wa, wb, after_a
 
 
-def test_shared_prefix_is_stored_once(shared_vault):
+def test_shared_prefix_is_stored_once(shared_vault, smollm):
     root, a, b, wa, wb, after_a = shared_vault
     assert (wa.chunks, wa.written) == (5, 5)  # 4 blocks of 256 + a 76-token leaf
     # B shares blocks 0-2 (768 tokens) with A: restored, not recomputed, not rewritten
@@ -57,9 +57,15 @@ def test_shared_prefix_is_stored_once(shared_vault):
     files = {p: p.stat().st_size for p in shard_files(root)}
     assert len(files) == 7 and all(files[p] == n for p, n in after_a.items())
     assert sum(files.values()) == wa.bytes_written + wb.bytes_written
-    # what B alone would have put on disk is 3 blocks more than what it added
-    assert sum(files.values()) - sum(after_a.values()) == wb.bytes_written
-    assert sum(sorted(after_a.values())[-3:]) > wb.bytes_written / 2
+    with Vault(root, codec=K3V3) as vault:
+        rows_a, rows_b = (vault.lookup(smollm, p + [0]).chunks for p in (a, b))
+    assert [r["n_tokens"] for r in rows_b] == [256, 256, 256, 256, 76]
+    shared = {r["file"]: r["bytes"] for r in rows_a}.items() & {r["file"]: r["bytes"] for r in rows_b}.items()
+    assert sorted(n for _, n in shared) == sorted(r["bytes"] for r in rows_a[:3])  # blocks 0-2
+    # on disk: A's chunks + B's chunks - the shared ones, which exist once
+    assert sum(files.values()) == (sum(r["bytes"] for r in rows_a) + sum(r["bytes"] for r in rows_b)
+                                   - sum(n for _, n in shared))
+    assert sum(n for _, n in shared) > 3 * 1_000_000
 
 
 def test_bytes_on_disk_vs_fp16(shared_vault, smollm):
