@@ -43,6 +43,15 @@ def test_streaming_detokenizer_reproduces_text(lm):
     assert detok.text == text
 
 
+@pytest.mark.parametrize(
+    "name, bos, eos, unk, pad",
+    [("smollm", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|im_end|>"), ("gemma", "<bos>", "<eos>", "<unk>", "<pad>")],
+)
+def test_special_tokens_come_from_metadata(request, name, bos, eos, unk, pad):
+    tok = request.getfixturevalue(name).tokenizer
+    assert (tok.bos_token, tok.eos_token, tok.unk_token, tok.pad_token) == (bos, eos, unk, pad)
+
+
 def test_smollm_splits_digits_and_adds_no_bos(smollm):
     tok = smollm.tokenizer
     ids = tok.encode("12345", add_special_tokens=True)

@@ -104,8 +104,7 @@ def sentencepiece_merges(tokens: list, types: list) -> list:
 
 def _sentencepiece_tokenizer(g: GGUFFile, tokens: list, types: list) -> Tokenizer:
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    unk_id = g.metadata.get("tokenizer.ggml.unknown_token_id")
-    unk = tokens[unk_id] if unk_id is not None else None
+    unk = _special(g, tokens, "unknown")
     tok = Tokenizer(
         models.BPE(vocab, sentencepiece_merges(tokens, types), unk_token=unk, fuse_unk=True, byte_fallback=True)
     )
@@ -151,8 +150,8 @@ def build_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
         "add_eos_token": False,
         "model_max_length": int(g.arch_value("context_length", 4096)),
     }
-    for name in ("bos", "eos", "unk", "pad"):
-        value = _special(g, tokens, name if name != "pad" else "padding")
+    for name, gguf_name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
+        value = _special(g, tokens, gguf_name)
         if value is not None:
             config[f"{name}_token"] = value
     template = g.metadata.get("tokenizer.chat_template")

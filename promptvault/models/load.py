@@ -21,7 +21,7 @@ from promptvault.models.fingerprint import fingerprint_dir
 from promptvault.models.gguf_convert import convert_gguf
 
 # Bump when a converter change alters the bytes it writes: old conversions are then ignored.
-CONVERTER_VERSION = 1
+CONVERTER_VERSION = 2
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
