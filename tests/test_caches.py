@@ -1,6 +1,8 @@
 """Cache adapters (promptvault.vault.caches) on small random-weight mlx-lm models: every cache
 type round-trips through block payloads, restored caches behave like naturally prefilled ones."""
 
+import copy
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models import gemma3_text, llama, qwen3_5
@@ -17,6 +19,7 @@ from test_caches_helpers import greedy, prefill, ring_view, same, warm_blocks
 from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
 from promptvault.errors import PromptvaultError
 from promptvault.vault.caches import (
+    BlockPayload,
     RestoreError,
     UnsupportedCacheError,
     encode_block,
@@ -307,6 +310,10 @@ def test_payloads_must_chain_and_cover(tiny_llama):
         restore_cache(model, payloads[1:], 20)
     with pytest.raises(RestoreError, match="cache layers"):
         restore_cache(make_prompt_cache_model_with_layers(3), payloads, 20)
+    bad = copy.deepcopy(payloads[0].meta)
+    bad["layers"][1]["segments"][0]["tokens"] = [0, 20]  # meta claiming rows the arrays lack
+    with pytest.raises(RestoreError, match="l01.s0 does not decode"):
+        restore_cache(model, [BlockPayload(payloads[0].arrays, bad)] + payloads[1:], 20)
 
 
 def make_prompt_cache_model_with_layers(n):

@@ -60,36 +60,41 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
 
     blocks: (layer_meta, arrays, prefix) of this layer in every payload, in token order.
     decode_rows(seg, arrays, seg_prefix, i0, i1) -> tuple of (..., rows, width) arrays.
-    Raises RestoreError naming the tokens no segment holds.
+    Coverage is checked from the metadata before anything is decoded: RestoreError names the
+    tokens no segment holds. Each block is evaluated as it is written, so at most one block's
+    decoded rows exist beside the buffers.
     """
-    buffers = None
-    covered = []
+    plan, covered = [], []
     for meta, arrays, prefix in blocks:
         for j, seg in enumerate(meta["segments"]):
             s0, s1 = seg["tokens"]
             for a, b, dest in needed:
                 lo, hi = max(a, s0), min(b, s1)
-                if lo >= hi:
-                    continue
-                parts = decode_rows(seg, arrays, f"{prefix}.s{j}", lo - s0, hi - s0)
-                if buffers is None:
-                    buffers = [mx.zeros((*p.shape[:-2], n_rows, p.shape[-1]), p.dtype) for p in parts]
-                for buf, p in zip(buffers, parts):
-                    if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
-                        raise RestoreError(
-                            f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
-                            f"earlier blocks ({buf.shape} {buf.dtype})"
-                        )
-                    buf[..., dest + lo - a : dest + hi - a, :] = p
-                covered.append((lo, hi))
-        if buffers is not None:
-            mx.eval(buffers)
+                if lo < hi:
+                    plan.append((seg, arrays, f"{prefix}.s{j}", lo - s0, hi - s0, dest + lo - a))
+                    covered.append((lo, hi))
     missing = _missing(needed, covered)
     if missing:
         raise RestoreError(
             f"layer {layer}: tokens {missing} are needed but no block holds them (a ring cache "
             f"that had already dropped those rows when the block was captured?)"
         )
+    buffers = None
+    for seg, arrays, prefix, i0, i1, row in plan:
+        try:
+            parts = decode_rows(seg, arrays, prefix, i0, i1)
+        except (KeyError, ValueError) as err:
+            raise RestoreError(f"layer {layer}: segment {prefix} does not decode: {err}") from err
+        if buffers is None:
+            buffers = [mx.zeros((*p.shape[:-2], n_rows, p.shape[-1]), p.dtype) for p in parts]
+        for buf, p in zip(buffers, parts):
+            if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
+                raise RestoreError(
+                    f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
+                    f"earlier blocks ({buf.shape} {buf.dtype})"
+                )
+            buf[..., row : row + i1 - i0, :] = p
+        mx.eval(buffers)
     return tuple(buffers)
 
 
