@@ -277,3 +277,17 @@ def test_restore_reads_only_the_shards_it_needs(tmp_path):
         assert r.tokens_reused == 11 and vault.ram.nbytes > 0 and len(vault.ram) == 2
         hits = sorted(vault.index.chunk(k)["hits"] for k in [c["key"] for c in vault.lookup(lm, toks).chunks])
         assert hits == [0, 0, 0, 1, 1]
+
+
+def test_save_refuses_a_ring_that_dropped_rows(tmp_path):
+    lm = tiny_gemma()  # sliding window 12
+    toks = prompt(40)
+    cache = make_prompt_cache(lm.model)
+    for t in toks:  # one token at a time: the rings keep only the last 12 rows
+        lm.model(mx.array([[t]]), cache=cache)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        with pytest.raises(VaultSettingsError, match="warm the prompt"):
+            vault.save(lm, cache, toks)
+        assert vault.index.all_chunks() == []
+        w = vault.warm(lm, toks)
+        assert w.written == 5 and vault.restore(lm, toks + [1]).tokens_reused == 40

@@ -313,10 +313,11 @@ class Vault:
         return res
 
     def save(self, lm, cache: list, tokens) -> StoreResult:
-        """Store a live cache that holds exactly `tokens` (e.g. after a generation).
+        """Store a live cache whose first rows are `tokens` (e.g. after a generation, when it
+        also holds the answer). Only blocks not yet stored are encoded.
 
         Only layers that still hold every block's rows can be saved after the fact (KVCache);
-        rings and recurrent state raise: warm those instead.
+        a ring that dropped rows, or recurrent state that moved on, raises: warm those instead.
         """
         toks = _tokens(lm, tokens)
         ns = self.namespace(lm)
@@ -339,6 +340,9 @@ class Vault:
                parent: str | None, res: StoreResult) -> None:
         t0 = time.perf_counter()
         payload = caches.encode_block(cache, start, end, self.codec)
+        if not payload.complete:
+            raise VaultSettingsError(f"the cache no longer holds every row of tokens [{start}, {end}) "
+                                     "(a ring dropped them): warm the prompt instead of saving it")
         t1 = time.perf_counter()
         res.encode_s += t1 - t0
         if self.disk.cap is not None and payload.nbytes > self.disk.cap:
