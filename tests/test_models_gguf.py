@@ -75,6 +75,18 @@ def test_changed_content_and_dtype_make_new_entries(llama_gguf, tmp_path):
     assert half.model.model.embed_tokens.weight.dtype == mx.float16
 
 
+def test_new_converter_version_replaces_old_conversion(tmp_path):
+    model, config = random_model("qwen2", seed=5)
+    path = tmp_path / "versions.gguf"
+    write_gguf(path, "qwen2", model, config)
+    current = load_model(str(path), dtype="float32").path
+    older = current.with_name(current.name.rsplit("-c", 1)[0] + "-c0")
+    shutil.copytree(current, older)
+    shutil.rmtree(current)
+    assert load_model(str(path), dtype="float32").path == current
+    assert current.is_dir() and not older.exists()
+
+
 def _one_line_error(spec, kind=ModelLoadError):
     with pytest.raises(kind) as info:
         load_model(spec)

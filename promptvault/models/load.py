@@ -7,6 +7,7 @@ converted once into the model cache, keyed by their sha256, the dtype and the co
 version, so the second load is an ordinary mlx-lm directory load.
 """
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,16 @@ def converted_gguf_dir(gguf_path: Path, dtype_name: str) -> Path:
             raise
         except Exception as exc:  # noqa: BLE001 - disk full, odd shapes, ...: one line, no traceback
             raise ModelLoadError(f"cannot convert {gguf_path}: {type(exc).__name__}: {_first_line(exc)}") from None
+        _remove_older_conversions(target)
     return target
+
+
+def _remove_older_conversions(target: Path) -> None:
+    """Drop this file's conversions by older converter versions: ~0.5-1 GB each, never read again."""
+    stem = target.name.rsplit("-c", 1)[0]
+    for old in target.parent.glob(f"{stem}-c*"):
+        if old != target and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _mlx_load(path: Path, dtype_name: str | None):
