@@ -7,6 +7,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models import gemma3_text, llama, qwen3_5
 from mlx_lm.models.cache import (
+    ArraysCache,
     CacheList,
     ChunkedKVCache,
     KVCache,
@@ -20,6 +21,7 @@ from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
 from promptvault.errors import PromptvaultError
 from promptvault.vault.caches import (
     BlockPayload,
+    block_ends_only,
     RestoreError,
     UnsupportedCacheError,
     encode_block,
@@ -85,6 +87,9 @@ def test_layout_is_static_and_json_able(tiny_gemma, tiny_hybrid):
     assert nested == [{"type": "CacheList", "children": [
         {"type": "KVCache"}, {"type": "QuantizedKVCache", "group_size": 32, "bits": 4}]}]
     assert layer_layout(tiny_hybrid.make_cache())[0] == {"type": "ArraysCache", "size": 2}
+    assert block_ends_only(layer_layout(tiny_hybrid.make_cache()))
+    assert block_ends_only(layer_layout([KVCache(), CacheList(KVCache(), ArraysCache(2))]))
+    assert not block_ends_only(layout + nested)
     json.dumps(layout + nested)
     # Filling the cache does not change the layout (it is fingerprinted before any prefill).
     cache = make_prompt_cache(tiny_gemma)

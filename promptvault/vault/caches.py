@@ -29,8 +29,8 @@ from promptvault.errors import PromptvaultError
 from promptvault.vault import caches_arrays, caches_kv, caches_quantized, caches_rotating
 from promptvault.vault.caches_rows import RestoreError
 
-__all__ = ["BlockPayload", "layer_layout", "encode_block", "restore_cache", "RestoreError",
-           "UnsupportedCacheError", "FORMAT"]
+__all__ = ["BlockPayload", "layer_layout", "block_ends_only", "encode_block", "restore_cache",
+           "RestoreError", "UnsupportedCacheError", "FORMAT"]
 
 FORMAT = "promptvault.caches/1"
 
@@ -113,6 +113,16 @@ def layer_layout(cache: list) -> list[dict]:
     recorded per block in the codec metas and checked when blocks are joined at restore.
     """
     return [_layout_one(c) for c in cache]
+
+
+def block_ends_only(layout: list[dict]) -> bool:
+    """True when some layer holds recurrent state (ArraysCache), which is stored as a snapshot
+    at each block end: such a cache can be restored only at exactly those positions, so a
+    lookup must round a reusable prefix down to a block end instead of trimming it."""
+    return any(
+        lay["type"] == "ArraysCache" or (lay["type"] == "CacheList" and block_ends_only(lay["children"]))
+        for lay in layout
+    )
 
 
 def _flat(cache: list):
