@@ -74,12 +74,6 @@ def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """convert_hf_to_gguf's LlamaModel.permute (what a GGUF writer applies to q/k rows)."""
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
 def _required(g: GGUFFile, key: str):
     value = g.arch_value(key)
     if value is None:
