@@ -5,7 +5,6 @@ keep=4 rings; Gemma-3: RotatingKVCache(512) + KVCache at prefixes around the win
 from pathlib import Path
 
 import mlx.core as mx
-import pytest
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from test_caches_helpers import greedy, prefill, ring_view, warm_blocks
 
