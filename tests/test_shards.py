@@ -4,7 +4,6 @@ import os
 import stat
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
 from promptvault.vault.shards import CorruptShard, read_metadata, read_shard, relpath, write_shard

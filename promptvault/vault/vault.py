@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -38,7 +36,7 @@ from promptvault.codec import CodecSpec, KVCodec
 from promptvault.vault import caches, compact
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
 from promptvault.vault.index import Index
-from promptvault.vault.keys import bytes_to_tokens, chunk_key, tokens_to_bytes
+from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json, make_namespace
 from promptvault.vault.shards import SUFFIX, CorruptShard, read_metadata, read_shard, relpath, write_shard
