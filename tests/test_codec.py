@@ -219,3 +219,34 @@ def test_packing_is_dense_and_exact(bits, n):
     packed = pack_bits(codes, bits)
     assert packed.shape[-1] == packed_width(n, bits) == bits * ((n + 7) // 8)
     assert mx.array_equal(unpack_bits(packed, bits, n), codes)
+
+
+@pytest.mark.parametrize("dim,bits,expected", [(64, 3, 25), (128, 3, 49), (72, 3, 29)])
+def test_eight_bit_log_norms_save_a_byte_per_block_for_negligible_error(dim, bits, expected):
+    x = gaussian((1, 4, 2048, dim), seed=dim) * mx.random.uniform(0.05, 20.0, (1, 4, 2048, 1), key=mx.random.key(1))
+    fp16 = encode(x, CodecSpec(bits=bits))
+    log8 = encode(x, CodecSpec(bits=bits, norm_bits=8))
+    assert bytes_per_vector(dim, CodecSpec(bits=bits, norm_bits=8)) == expected
+    assert log8.arrays["norms"].dtype == mx.uint8
+    assert log8.arrays["norm_range"].shape == (1, 4, 1, 2 * len(rotation_blocks(dim)))
+    per_token = sum(log8.arrays[n].nbytes for n in ("codes", "norms")) / (4 * 2048)
+    assert per_token == expected
+    assert rel_mse(x, decode(log8)) < 1.01 * rel_mse(x, decode(fp16))
+    # The decoded norms are within half a log step of the true ones.
+    norms = mx.sqrt(mx.sum(decode(log8).astype(mx.float32) ** 2, -1))
+    exact = mx.sqrt(mx.sum(decode(fp16).astype(mx.float32) ** 2, -1))
+    max_step = mx.max(log8.arrays["norm_range"][..., len(rotation_blocks(dim)):]).item()
+    assert mx.max(mx.abs(mx.log(norms / exact))).item() < 0.5 * max_step + 1e-3
+
+
+def test_eight_bit_norms_keep_zero_vectors_and_round_trip_metadata():
+    x = mx.concatenate([mx.zeros((1, 2, 3, 64)), gaussian((1, 2, 5, 64))], axis=2)
+    enc = encode(x, CodecSpec(bits=3, norm_bits=8, center=False))
+    assert mx.array_equal(decode(enc)[..., :3, :], mx.zeros((1, 2, 3, 64)))
+    again = Encoded.from_parts(enc.meta(), enc.arrays)
+    assert again.spec.norm_bits == 8 and mx.array_equal(decode(again), decode(enc))
+    assert mx.array_equal(decode(enc.slice_tokens(4, 8)), decode(enc)[..., 4:8, :])
+    # A spec written before the option existed still reads as float16 norms.
+    assert CodecSpec.from_json({"codec": "turboquant/1", "bits": 3, "seed": 0, "center": False}).norm_bits == 16
+    with pytest.raises(ValueError, match="norm_bits"):
+        CodecSpec(bits=3, norm_bits=12)

@@ -86,6 +86,26 @@ def test_bytes_on_disk_vs_fp16(shared_vault, smollm):
     assert ratio >= 0.97 * codec_only  # container overhead < 3%
 
 
+def test_4096_token_prompt_at_3_bits_is_5x_smaller_than_fp16_on_disk(smollm, tmp_path):
+    """The issue's figure: all shard files of a 4,096-token SmolLM2 prompt, as `du` counts them,
+    vs 2 · layers · kv_heads · head_dim · tokens · 2 bytes. Head dim 64 needs the 8-bit log norm:
+    a float16 norm alone would cap the codec at 128 / 26 = 4.92x."""
+    doc = (Path(__file__).parents[1] / "examples" / "data" / "licenses.txt").read_text()
+    tokens = list(smollm.tokenizer.encode(doc))[:4096]
+    assert len(tokens) == 4096
+    codec = KVCodec(CodecSpec(3, norm_bits=8), CodecSpec(3, norm_bits=8))
+    with Vault(tmp_path, codec=codec) as vault:
+        vault.warm(smollm, tokens)
+        ns = vault.namespace(smollm)
+    layers = len(ns.descriptor["layout"]["layers"])
+    _, kv_heads, _, head_dim = ns.descriptor["layout"]["shapes"][0][0][1]
+    fp16 = 2 * layers * kv_heads * head_dim * 4096 * 2
+    on_disk = sum(allocated(p) for p in shard_files(tmp_path))
+    print(f"\nSmolLM2 4096 tokens K3/V3 (8-bit norms): fp16 {fp16} B, shards {on_disk} B: {fp16 / on_disk:.3f}x")
+    assert len(shard_files(tmp_path)) == 16
+    assert fp16 / on_disk >= 5.0
+
+
 def test_other_model_or_codec_never_hits(shared_vault, smollm, gemma):
     root, a, *_ = shared_vault
     with Vault(root, codec=K3V3) as vault:

@@ -42,10 +42,11 @@ def decode(enc: Encoded) -> mx.array:
 
 
 def bytes_per_vector(dim: int, spec: CodecSpec, dtype_bytes: int = 2) -> float:
-    """Bytes one d-dim vector takes on disk (codes + norms; a stored mean is per block, not here)."""
+    """Bytes one d-dim vector takes on disk (codes + norms; per-tensor extras such as a stored
+    mean or the log-norm range are not per vector and not counted here)."""
     if spec.lossless:
         return dim * dtype_bytes
     from promptvault.codec.packing import packed_width
     from promptvault.codec.rotation import rotation_blocks
 
-    return packed_width(dim, spec.bits) + 2 * len(rotation_blocks(dim))
+    return packed_width(dim, spec.bits) + spec.norm_bits // 8 * len(rotation_blocks(dim))

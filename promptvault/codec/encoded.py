@@ -17,8 +17,10 @@ _PER_TOKEN = ("codes", "norms", "data")
 class Encoded:
     """Output of `encode`: flat named arrays (what goes into a shard) and their JSON meta.
 
-    TurboQuant arrays: "codes" (..., T, packed bytes) uint8, "norms" (..., T, blocks) float16,
-    and "mean" (..., 1, d) in the input dtype when the spec centers. Lossless: "data".
+    TurboQuant arrays: "codes" (..., T, packed bytes) uint8, "norms" (..., T, blocks) float16
+    (or uint8 log-norms with their "norm_range" (..., 1, 2 · blocks) float32 when the spec has
+    norm_bits=8), and "mean" (..., 1, d) in the input dtype when the spec centers.
+    Lossless: "data".
     """
 
     spec: CodecSpec
@@ -44,7 +46,10 @@ class Encoded:
         shape = tuple(int(s) for s in meta["shape"])
         if meta["dtype"] not in DTYPES:
             raise ValueError(f"unknown dtype {meta['dtype']!r} in codec metadata")
-        expected = {"data"} if spec.lossless else {"codes", "norms"} | ({"mean"} if spec.center else set())
+        expected = {"data"} if spec.lossless else (
+            {"codes", "norms"} | ({"mean"} if spec.center else set())
+            | ({"norm_range"} if spec.norm_bits == 8 else set())
+        )
         if set(arrays) != expected:
             raise ValueError(f"codec arrays {sorted(arrays)} do not match {spec}: expected {sorted(expected)}")
         for name in _PER_TOKEN:

@@ -2,9 +2,9 @@
 
 Per vector x: subtract the optional token mean, split into rotation blocks, and per block store
   - the b-bit Lloyd–Max codes of the rotated unit vector u = R(x / ‖x‖), bit-packed, and
-  - the corrected norm ‖x‖ / ‖û‖ as float16, where û is the decoded unit vector. Rescaling by
-    ‖û‖ makes the decoded vector's norm exact, which halves the bias of q·k inner products
-    (attention logits) compared with storing ‖x‖.
+  - the corrected norm ‖x‖ / ‖û‖ as float16 (or as an 8-bit logarithm, see CodecSpec), where û
+    is the decoded unit vector. Rescaling by ‖û‖ makes the decoded vector's norm exact, which
+    halves the bias of q·k inner products (attention logits) compared with storing ‖x‖.
 Decode: codebook lookup, inverse rotation, multiply by the stored norm, add the mean back.
 All arithmetic is float32 whatever the input dtype.
 """
@@ -85,20 +85,54 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         code_blocks.append(codes)
         norm_blocks.append(norm)
     norms = mx.concatenate(norm_blocks, axis=-1)
+    codes = code_blocks[0] if len(code_blocks) == 1 else mx.concatenate(code_blocks, axis=-1)
+    arrays["codes"] = pack_bits(codes, spec.bits)
+    if spec.norm_bits == 8:
+        arrays.update(_log_norms(norms))
+        return arrays
     if mx.max(norms).item() > _FP16_MAX:
         raise ValueError(
             f"vector norms up to {mx.max(norms).item():.3g} overflow the float16 norm; use lossless coding"
         )
-    codes = code_blocks[0] if len(code_blocks) == 1 else mx.concatenate(code_blocks, axis=-1)
-    arrays["codes"] = pack_bits(codes, spec.bits)
     arrays["norms"] = norms.astype(mx.float16)
     return arrays
+
+
+_LOG_LEVELS = 254  # codes 1..255 cover [lo, hi] in log space; 0 means a zero norm
+
+
+def _log_norms(norms: mx.array) -> dict[str, mx.array]:
+    """8-bit log-scale norms: per head and rotation block, the range [lo, hi] of log-norms over
+    the tokens is split into 254 steps. lo and step are stored as one float32 array
+    "norm_range" (..., 1, 2 · blocks): one tensor, not two, since every tensor costs a header
+    entry in every shard."""
+    positive = norms > 0
+    log_norms = mx.log(mx.maximum(norms, _TINY))
+    lo = mx.min(mx.where(positive, log_norms, mx.inf), axis=-2, keepdims=True)
+    hi = mx.max(mx.where(positive, log_norms, -mx.inf), axis=-2, keepdims=True)
+    lo = mx.where(mx.isfinite(lo), lo, 0.0)  # a head whose vectors are all zero
+    step = mx.maximum((mx.maximum(hi, lo) - lo) / _LOG_LEVELS, 1e-12)
+    levels = mx.clip(mx.round((log_norms - lo) / step), 0, _LOG_LEVELS) + 1
+    return {
+        "norms": mx.where(positive, levels, 0).astype(mx.uint8),
+        "norm_range": mx.concatenate([lo, step], axis=-1).astype(mx.float32),
+    }
+
+
+def _norm_values(arrays: dict[str, mx.array]) -> mx.array:
+    norms = arrays["norms"]
+    if norms.dtype == mx.float16:
+        return norms.astype(mx.float32)
+    blocks = norms.shape[-1]
+    lo, step = arrays["norm_range"][..., :blocks], arrays["norm_range"][..., blocks:]
+    values = mx.exp(lo + (norms.astype(mx.float32) - 1) * step)
+    return mx.where(norms > 0, values, 0.0)
 
 
 def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     """Inverse of `encode_arrays`, in `dtype`."""
     codes = unpack_bits(arrays["codes"], spec.bits, dim)
-    norms = arrays["norms"].astype(mx.float32)
+    norms = _norm_values(arrays)
     parts = []
     for index, block in enumerate(_blocks(dim, spec.bits, spec.seed)):
         codes_block = codes[..., block.offset : block.offset + block.size]
