@@ -223,3 +223,14 @@ def test_invalid_bits(flag, value, tmp_path):
 
 def test_cap_too_small_for_one_block(smollm, doc, tmp_path):
     assert_one_line_error(cli("warm", doc, "--vault", tmp_path / "v", "--disk-cap", "1K"), 1, "cap")
+
+
+def test_verbose_logs_what_the_vault_does(warmed, question):
+    vault = warmed[0]
+    quiet = CliRunner().invoke(main, ["run", "--prompt-file", str(question), "--vault", str(vault),
+                                      "--max-tokens", "1", "--json"])
+    loud = CliRunner().invoke(main, ["-v", "run", "--prompt-file", str(question), "--vault", str(vault),
+                                     "--max-tokens", "1", "--json"])
+    assert quiet.exit_code == loud.exit_code == 0
+    assert "restored" not in quiet.stderr
+    assert "promptvault: restored" in loud.stderr and "tokens from" in loud.stderr

@@ -6,6 +6,7 @@ PromptvaultError and OS errors (missing files, full disk, permissions) exit 1, u
 (bad flags or values) exit 2.
 """
 
+import logging
 import sys
 
 import click
@@ -52,12 +53,20 @@ class OneLineErrorGroup(click.Group):
 
 @click.group(cls=OneLineErrorGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="promptvault")
-def main():
+@click.option("-v", "--verbose", count=True, help="Log what the vault does (-v), and per block (-vv).")
+def main(verbose):
     """Compressed on-disk prompt caches for MLX / mlx-lm.
 
     Warm a prompt once (`promptvault warm FILE`); later runs that start with it restore its
     cache instead of prefilling (`promptvault run --prompt-file FILE`).
     """
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("promptvault: %(message)s"))
+    logger = logging.getLogger("promptvault")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
 
 
 for command in (warm_cmd, run_cmd, *MAINTENANCE_COMMANDS, doctor, bench):

@@ -8,6 +8,7 @@ version, so the second load is an ordinary mlx-lm directory load.
 """
 
 import shutil
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from promptvault.models.default import gemma_gguf_path, smollm_gguf_path
 from promptvault.models.file_hash import cached_sha256
 from promptvault.models.fingerprint import fingerprint_dir
 from promptvault.models.gguf_convert import convert_gguf
+
+log = logging.getLogger(__name__)
 
 # Bump when a converter change alters the bytes it writes: old conversions are then ignored.
 CONVERTER_VERSION = 2
@@ -68,6 +71,7 @@ def converted_gguf_dir(gguf_path: Path, dtype_name: str) -> Path:
     target = models_cache_dir() / "mlx" / f"{sha[:40]}-{dtype_name}-c{CONVERTER_VERSION}"
     if not (target / "config.json").is_file():
         try:
+            log.info("converting %s to an mlx-lm directory (%s) in %s", gguf_path, dtype_name, target)
             with atomic_dir(target) as tmp:
                 convert_gguf(gguf_path, tmp, DTYPES[dtype_name])
         except PromptvaultError:

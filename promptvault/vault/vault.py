@@ -21,6 +21,7 @@ sequences may be given as text, which is then encoded with `lm.tokenizer`.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import weakref
@@ -41,6 +42,8 @@ from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json, make_namespace
 from promptvault.vault.shards import SUFFIX, CorruptShard, read_metadata, read_shard, relpath, write_shard
 from promptvault.vault.tiers import DiskTier, RamTier, disk_usage
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_RAM_CAP = 256 * 2**20
@@ -208,16 +211,21 @@ class Vault:
         payloads, bad = self._payloads(look.chunks)
         read_s = time.perf_counter() - t0
         if bad:
+            log.warning("%d stored chunk(s) failed their check and were quarantined; running cold", len(bad))
             miss.read_s, miss.quarantined = read_s, bad
             return miss
         t1 = time.perf_counter()
         try:
             cache = caches.restore_cache(lm.model, payloads, look.tokens_reused)
-        except caches.RestoreError:
+        except caches.RestoreError as e:
+            log.warning("stored chunks cannot be restored (%s); running cold", e)
             miss.read_s = read_s
             return miss
         _eval_cache(cache)
         decode_s = time.perf_counter() - t1
+        log.info("restored %d of %d tokens from %d chunks (%s): lookup %.1f ms, read %.1f ms, decode %.1f ms",
+                 look.tokens_reused, look.tokens_total, len(look.chunks), look.tier, look.seconds * 1e3,
+                 read_s * 1e3, decode_s * 1e3)
         self.index.touch([r["key"] for r in look.chunks])
         return RestoreResult(cache, look.tokens_total, look.tokens_reused, look.tier, look.seconds,
                              read_s, decode_s)
@@ -304,10 +312,13 @@ class Vault:
                 lm.model(mx.array(toks[start:end], dtype=mx.uint32)[None], cache=cache)
                 _eval_cache(cache)
                 res.prefill_s += time.perf_counter() - t0
+                log.debug("prefilled tokens [%d, %d) in %.0f ms", start, end, (time.perf_counter() - t0) * 1e3)
                 if keys[i] not in have:
                     self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res)
         self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])
         res.evicted = len(self.disk.enforce(self.index, self.ram.discard))
+        log.info("warmed %d tokens: %d of %d chunks written (%d bytes), %d tokens restored, %d evicted",
+                 res.tokens, res.written, res.chunks, res.bytes_written, res.tokens_reused, res.evicted)
         return res
 
     def save(self, lm, cache: list, tokens) -> StoreResult:
