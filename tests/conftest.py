@@ -36,3 +36,11 @@ def gemma(model_cache_dir):
     from promptvault.models import load_model
 
     return load_model("gemma3-270m", dtype="float32")
+
+
+# --- reliability suite (owner: reliability) --------------------------------------------------
+# `pytest --long` runs the fault suite at the full counts (tests/test_reliability_*.py);
+# plain `pytest` runs a quick subset of every fault kind.
+def pytest_addoption(parser):
+    parser.addoption("--long", action="store_true", default=False,
+                     help="Run the reliability (fault) suite at full counts.")
