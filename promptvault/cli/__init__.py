@@ -7,6 +7,7 @@ PromptvaultError and OS errors (missing files, full disk, permissions) exit 1, u
 """
 
 import logging
+import sqlite3
 import sys
 
 import click
@@ -40,6 +41,10 @@ class OneLineErrorGroup(click.Group):
             sys.exit(e.exit_code or 1)
         except PromptvaultError as e:
             click.echo(f"error: {_one_line(e)}", err=True)
+            sys.exit(1)
+        except sqlite3.DatabaseError as e:  # the index went bad (or full) while in use
+            click.echo(f"error: vault index: {_one_line(e)} (files are intact; `promptvault reindex` "
+                       "rebuilds the index from them)", err=True)
             sys.exit(1)
         except OSError as e:
             where = f": {e.filename}" if getattr(e, "filename", None) else ""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -122,7 +123,14 @@ class Vault:
                 raise PermissionError(f"no write permission on {self.root}")
             self.block_size = self._settings(block_size)
             new_index = not (self.root / "index.sqlite").exists()
-            self.index = Index(self.root / "index.sqlite")
+            try:
+                self.index = Index(self.root / "index.sqlite")
+            except sqlite3.DatabaseError as e:
+                if not _corrupt(e):
+                    raise VaultPathError(f"vault index {self.root / 'index.sqlite'} is not usable: {e}") from None
+                self._set_aside_index(e)  # the files are the truth: rebuild the index from them
+                self.index = Index(self.root / "index.sqlite")
+                new_index = True
         except OSError as e:
             raise VaultPathError(f"vault path {self.root} is not usable: {e.strerror or e}") from None
         for cap, name in ((disk_cap, "disk_cap"), (ram_cap, "ram_cap")):
@@ -132,6 +140,18 @@ class Vault:
         self.disk = DiskTier(self.root, self.shards, disk_cap)
         if new_index and any(self.shards.iterdir()):
             self.reindex()  # the index was lost: the files are the truth
+
+    def _set_aside_index(self, error: Exception) -> None:
+        """Move a corrupt index (and its WAL / shared memory) to quarantine/ for inspection."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(mode=0o700, exist_ok=True)
+        stamp = time.time_ns()
+        for suffix in ("", "-wal", "-shm"):
+            path = self.root / f"index.sqlite{suffix}"
+            if path.exists():
+                os.replace(path, qdir / f"index.sqlite{suffix}.{stamp}.corrupt")
+        log.warning("the vault index was corrupt (%s): set aside in quarantine/, rebuilding it from the shards",
+                    error)
 
     def _settings(self, block_size: int | None) -> int:
         path = self.root / "vault.json"
@@ -405,7 +425,14 @@ class Vault:
 
     def reindex(self) -> dict:
         """Rebuild the index from the shard files alone (headers read, bytes checked on use)."""
-        self.index.clear()
+        try:
+            self.index.clear()
+        except sqlite3.DatabaseError as e:
+            if not _corrupt(e):
+                raise
+            self.index.db.close()
+            self._set_aside_index(e)
+            self.index = Index(self.root / "index.sqlite")
         self.ram.clear()
         files, bad = 0, 0
         for path in sorted(self.shards.glob(f"*/*/*{SUFFIX}")):
@@ -525,6 +552,14 @@ class Vault:
             out.append(key)
             key = row["parent"]
         return out
+
+
+def _corrupt(error: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is damaged or not a database (not merely busy, full or read-only)."""
+    name = getattr(error, "sqlite_errorname", None)
+    if name is not None:
+        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    return any(s in str(error) for s in ("malformed", "not a database"))
 
 
 def _tokens(lm, tokens) -> np.ndarray:
