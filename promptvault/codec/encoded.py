@@ -19,7 +19,8 @@ class Encoded:
 
     TurboQuant arrays: "codes" (..., T, packed bytes) uint8, "norms" (..., T, blocks) float16
     (or uint8 log-norms with their "norm_range" (..., 1, 2 · blocks) float32 when the spec has
-    norm_bits=8), and "mean" (..., 1, d) in the input dtype when the spec centers.
+    norm_bits=8), and "mean" (..., 1, d) when the spec centers (float16 for float32 input when it fits, else the
+    input dtype; readers accept any float dtype).
     Lossless: "data".
     """
 

@@ -72,17 +72,32 @@ LOSSLESS = CodecSpec(bits=None)
 
 @dataclass(frozen=True)
 class KVCodec:
-    """Separate specs for keys and values: keys dominate the attention error, values are cheap."""
+    """Separate specs for keys and values: keys dominate the attention error, values are cheap.
+
+    sinks: the first `sinks` tokens of a prompt (attention sinks: the tokens every later query
+        attends to most, whose keys carry the largest norms) are stored losslessly in the block
+        that holds them, the rest of that block with `keys` / `values`. Costs a few rows once per
+        prompt, not per block. Recorded in the JSON only when nonzero (old shards: 0).
+    """
 
     keys: CodecSpec
     values: CodecSpec
+    sinks: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.sinks, bool) or not isinstance(self.sinks, int) or self.sinks < 0:
+            raise ValueError(f"sinks must be a non-negative integer, got {self.sinks!r}")
 
     def to_json(self) -> dict:
-        return {"keys": self.keys.to_json(), "values": self.values.to_json()}
+        data = {"keys": self.keys.to_json(), "values": self.values.to_json()}
+        if self.sinks:  # absent means 0, as in shards written before the option
+            data["sinks"] = self.sinks
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "KVCodec":
-        return cls(keys=CodecSpec.from_json(data["keys"]), values=CodecSpec.from_json(data["values"]))
+        return cls(keys=CodecSpec.from_json(data["keys"]), values=CodecSpec.from_json(data["values"]),
+                   sinks=int(data.get("sinks", 0)))
 
     def __str__(self) -> str:
-        return f"K={self.keys} V={self.values}"
+        return f"K={self.keys} V={self.values}" + (f" sinks={self.sinks}" if self.sinks else "")

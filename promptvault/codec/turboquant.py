@@ -75,7 +75,11 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     values = x.astype(mx.float32)
     arrays = {}
     if spec.center:
-        mean = mx.mean(values, axis=-2, keepdims=True).astype(x.dtype)
+        mean = mx.mean(values, axis=-2, keepdims=True)
+        # float16 (2 bytes per channel whatever the cache dtype) unless it would overflow; any
+        # stored dtype decodes, so shards with float32 means stay readable.
+        fits = x.dtype == mx.float32 and mx.max(mx.abs(mean)).item() <= _FP16_MAX
+        mean = mean.astype(mx.float16 if fits else x.dtype)
         arrays["mean"] = mean
         # Subtract the stored (rounded) mean so decode adds back exactly what was removed.
         values = values - mean.astype(mx.float32)

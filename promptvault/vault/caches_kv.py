@@ -9,7 +9,7 @@ natural prefill would leave it, holding tokens [0, n_tokens) with offset = n_tok
 from mlx_lm.models.cache import KVCache
 
 from promptvault.codec import KVCodec
-from promptvault.vault.caches_rows import RestoreError, encode_segment, fill_rows, round_up
+from promptvault.vault.caches_rows import RestoreError, encode_segments, fill_rows, round_up
 
 
 def layout(cache: KVCache) -> dict:
@@ -23,8 +23,7 @@ def encode(cache: KVCache, start: int, end: int, kv: KVCodec, prefix: str, out: 
         )
     keys = cache.keys[..., start:end, :]
     values = cache.values[..., start:end, :]
-    seg = encode_segment(keys, values, (start, end), kv, f"{prefix}.s0", out)
-    return {**layout(cache), "segments": [seg]}
+    return {**layout(cache), "segments": encode_segments(keys, values, (start, end), kv, prefix, 0, out)}
 
 
 def restore(layout: dict, blocks: list, n_tokens: int, prefix: str) -> KVCache:

@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
 
 from promptvault.codec import KVCodec
-from promptvault.vault.caches_rows import RestoreError, encode_segment, fill_rows
+from promptvault.vault.caches_rows import RestoreError, encode_segments, fill_rows
 
 
 def layout(cache: RotatingKVCache) -> dict:
@@ -56,9 +56,7 @@ def encode(cache: RotatingKVCache, start: int, end: int, kv: KVCodec, prefix: st
     segments = []
     for a, b, row in held_ranges(cache.keep, cache.offset, keys.shape[2], start, end):
         rows = slice(row, row + b - a)
-        segments.append(
-            encode_segment(keys[..., rows, :], values[..., rows, :], (a, b), kv, f"{prefix}.s{len(segments)}", out)
-        )
+        segments += encode_segments(keys[..., rows, :], values[..., rows, :], (a, b), kv, prefix, len(segments), out)
     return {**layout(cache), "offset": int(cache.offset), "idx": int(cache._idx), "segments": segments}
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import mlx.core as mx
 
-from promptvault.codec import Encoded, KVCodec, decode, encode
+from promptvault.codec import LOSSLESS, Encoded, KVCodec, decode, encode
 from promptvault.errors import PromptvaultError
 
 
@@ -42,6 +42,22 @@ def encode_segment(keys: mx.array, values: mx.array, tokens: tuple[int, int], kv
     put_arrays(out, prefix + ".k", ek.arrays)
     put_arrays(out, prefix + ".v", ev.arrays)
     return {"tokens": list(tokens), "k": ek.meta(), "v": ev.meta()}
+
+
+def encode_segments(keys: mx.array, values: mx.array, tokens: tuple[int, int], kv: KVCodec,
+                    prefix: str, first: int, out: dict) -> list[dict]:
+    """Code rows of tokens [a, b) as segments named `prefix.s<first>`, `prefix.s<first+1>`:
+    one segment, or two when the rows start within the codec's lossless sinks (tokens
+    [0, kv.sinks)): the sink rows losslessly, the rest with `kv`. Every segment records its own
+    codec, so readers need nothing new to decode them."""
+    a, b = tokens
+    cut = min(max(kv.sinks, a), b)
+    parts = ([(a, cut, KVCodec(LOSSLESS, LOSSLESS))] if cut > a else []) + ([(cut, b, kv)] if cut < b else [])
+    return [
+        encode_segment(keys[..., s - a : e - a, :], values[..., s - a : e - a, :], (s, e), codec,
+                       f"{prefix}.s{first + j}", out)
+        for j, (s, e, codec) in enumerate(parts)
+    ]
 
 
 def decode_segment(seg: dict, arrays: dict, prefix: str, i0: int, i1: int) -> tuple[mx.array, mx.array]:
