@@ -29,3 +29,54 @@ def codec_cmd(bits_list, dims, tokens, seed, model, real, as_json):
         raise click.BadParameter("expected comma-separated integers")
     rows = run_codec_bench(bits=bits, dims=dim_list, tokens=tokens, seed=seed, real_model=model, real=real)
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
+
+
+@bench.command("fidelity")
+@click.option("--model", "models", multiple=True, default=("smollm2",), show_default=True,
+              help="Model alias/path/GGUF; repeat for several (one table each, one plot panel each).")
+@click.option("--settings", default=None,
+              help="Comma-separated settings, e.g. lossless,affine4,k4c-v3,k5cn8-v3n8-s4-b512 "
+                   "[default: the bits grid, affine 4/8 and the key-fidelity sweep].")
+@click.option("--greedy", default="lossless,affine4,affine8,k4c-v3,k4c-v4,k5cn8-v3n8-s4", show_default=True,
+              help="Settings that also get a 64-token greedy continuation ('all', 'none', or a list).")
+@click.option("--prompts", "limit", type=click.IntRange(min=1), default=None, help="Use only the first N prompts.")
+@click.option("--prefix-tokens", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Prefix length P; the next 65 tokens are the true continuation.")
+@click.option("--cache-dir", type=click.Path(), default=None,
+              help="Where lossless prefills are kept between runs [default: $TMPDIR/promptvault-fidelity].")
+@click.option("--plot", "plot_path", type=click.Path(), default=None, help="Write the ratio-vs-KL plot (PNG) here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def fidelity_cmd(models, settings, greedy, limit, prefix_tokens, cache_dir, plot_path, as_json):
+    """Teacher-forced KL, top-1, perplexity, greedy identity and per-layer cosines of restored
+    prompt caches vs lossless, with bytes on disk, over the fixed prompt set."""
+    import tempfile
+    from pathlib import Path
+
+    from promptvault.bench.fidelity import DEFAULT_SETTINGS, format_table as fid_table, parse_setting, pareto
+    from promptvault.bench.fidelity import plot, run_fidelity
+    from promptvault.models import load_model
+
+    names = DEFAULT_SETTINGS if settings is None else [s.strip() for s in settings.split(",") if s.strip()]
+    try:
+        for name in names:
+            parse_setting(name)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--settings")
+    greedy_names = names if greedy == "all" else [] if greedy == "none" else [g.strip() for g in greedy.split(",")]
+    cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "promptvault-fidelity"
+    results = []
+    for model in models:
+        lm = load_model(model)
+        log = None if as_json else (lambda m: click.echo(m, err=True))
+        results.append(run_fidelity(lm, names, limit=limit, prefix=prefix_tokens, greedy_settings=greedy_names,
+                                    cache_dir=cache, log=log))
+    if plot_path:
+        plot(results, Path(plot_path))
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in r.items()} for r in results], indent=1))
+        return
+    for r in results:
+        click.echo(f"\n{r['model']}: {r['prompts']} prompts, prefix {r['prefix']} tokens, "
+                   f"{r['continuation']} continuation tokens")
+        click.echo(fid_table(r))
+        click.echo("Pareto front (ratio vs KL): " + ", ".join(pareto([x for x in r["rows"] if x["kl"] > 0])))
