@@ -20,7 +20,8 @@ class Encoded:
     TurboQuant arrays: "codes" (..., T, packed bytes) uint8, "norms" (..., T, blocks) float16
     (or uint8 log-norms with their "norm_range" (..., 1, 2 · blocks) float32 when the spec has
     norm_bits=8), and "mean" (..., 1, d) when the spec centers (float16 for float32 input when it fits, else the
-    input dtype; readers accept any float dtype).
+    input dtype; readers accept any float dtype), and "channels" (..., 1, outliers) uint8 (uint16
+    above head dim 256) with an outlier split.
     Lossless: "data".
     """
 
@@ -50,6 +51,7 @@ class Encoded:
         expected = {"data"} if spec.lossless else (
             {"codes", "norms"} | ({"mean"} if spec.center else set())
             | ({"norm_range"} if spec.norm_bits == 8 else set())
+            | ({"channels"} if spec.outliers else set())
         )
         if set(arrays) != expected:
             raise ValueError(f"codec arrays {sorted(arrays)} do not match {spec}: expected {sorted(expected)}")

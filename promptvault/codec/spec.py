@@ -19,12 +19,18 @@ class CodecSpec:
         per coded tensor (one range per head and rotation block). At head dim 64 a float16 norm
         is a quarter bit per coordinate, so 8 bits buy 4% of size for ~0.5% rms norm error,
         small next to the direction's error at 2–4 bits.
+    outliers, outlier_bits: the outlier-channel split of the TurboQuant paper. Per coded tensor
+        and head, the `outliers` channels with the most energy over the tokens (after centering)
+        are coded apart, with their own rotation, norm and `outlier_bits`-bit codebook; the other
+        channels with `bits`. Channel indices are stored (one byte each per head). 0: off.
     """
 
     bits: int | None
     seed: int = 0
     center: bool = False
     norm_bits: int = 16
+    outliers: int = 0
+    outlier_bits: int = 0
 
     def __post_init__(self):
         if self.bits is not None:
@@ -34,6 +40,15 @@ class CodecSpec:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.norm_bits not in (8, 16):
             raise ValueError(f"norm_bits must be 8 or 16, got {self.norm_bits!r}")
+        for name in ("outliers", "outlier_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.outliers and (self.bits is None or not 1 <= self.outlier_bits <= 8 or self.outliers > 255):
+            raise ValueError(f"an outlier split needs coded bits, outlier_bits in 1..8 and at most 255 "
+                             f"outlier channels, got outliers={self.outliers} outlier_bits={self.outlier_bits}")
+        if not self.outliers and self.outlier_bits:
+            raise ValueError("outlier_bits without outliers")
 
     @property
     def lossless(self) -> bool:
@@ -49,6 +64,8 @@ class CodecSpec:
         data = {"codec": TURBOQUANT_ID, "bits": self.bits, "seed": self.seed, "center": self.center}
         if self.norm_bits != 16:  # absent means float16, as in shards written before the option
             data["norm_bits"] = self.norm_bits
+        if self.outliers:  # absent means no split, as in shards written before the option
+            data["outliers"], data["outlier_bits"] = self.outliers, self.outlier_bits
         return data
 
     @classmethod
@@ -58,13 +75,15 @@ class CodecSpec:
             return cls(bits=None)
         if codec == TURBOQUANT_ID:
             return cls(bits=int(data["bits"]), seed=int(data["seed"]), center=bool(data["center"]),
-                       norm_bits=int(data.get("norm_bits", 16)))
+                       norm_bits=int(data.get("norm_bits", 16)), outliers=int(data.get("outliers", 0)),
+                       outlier_bits=int(data.get("outlier_bits", 0)))
         raise ValueError(f"unknown codec {codec!r} (this promptvault reads {TURBOQUANT_ID}, {LOSSLESS_ID})")
 
     def __str__(self) -> str:
         if self.lossless:
             return "lossless"
-        return f"tq{self.bits}" + ("c" if self.center else "") + ("n8" if self.norm_bits == 8 else "")
+        return (f"tq{self.bits}" + ("c" if self.center else "") + ("n8" if self.norm_bits == 8 else "")
+                + (f"o{self.outliers}x{self.outlier_bits}" if self.outliers else ""))
 
 
 LOSSLESS = CodecSpec(bits=None)

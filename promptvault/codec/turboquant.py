@@ -69,6 +69,37 @@ def _blocks(dim: int, bits: int, seed: int) -> tuple[_Block, ...]:
     return tuple(blocks)
 
 
+def _code(values: mx.array, bits: int, seed: int) -> tuple[mx.array, mx.array]:
+    """Packed codes and corrected norms (..., blocks) of vectors (..., n) in rotation blocks."""
+    code_blocks, norm_blocks = [], []
+    for block in _blocks(values.shape[-1], bits, seed):
+        codes, norm = block.encode(values[..., block.offset : block.offset + block.size])
+        code_blocks.append(codes)
+        norm_blocks.append(norm)
+    codes = code_blocks[0] if len(code_blocks) == 1 else mx.concatenate(code_blocks, axis=-1)
+    return pack_bits(codes, bits), mx.concatenate(norm_blocks, axis=-1)
+
+
+def _uncode(packed: mx.array, norms: mx.array, bits: int, seed: int, dim: int) -> mx.array:
+    codes = unpack_bits(packed, bits, dim)
+    parts = []
+    for index, block in enumerate(_blocks(dim, bits, seed)):
+        parts.append(block.decode(codes[..., block.offset : block.offset + block.size], norms[..., index : index + 1]))
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+
+
+def _other_channels(channels: mx.array, dim: int) -> mx.array:
+    """The channel indices (ascending) not in `channels` (..., 1, k)."""
+    every = mx.arange(dim, dtype=mx.int32)
+    chosen = mx.any(channels[..., :, None] == every, axis=-2)  # (..., 1, dim)
+    return mx.sort(mx.where(chosen, every + dim, every), axis=-1)[..., : dim - channels.shape[-1]]
+
+
+def _gather(values: mx.array, channels: mx.array) -> mx.array:
+    index = mx.broadcast_to(channels, (*values.shape[:-1], channels.shape[-1]))
+    return mx.take_along_axis(values, index, axis=-1)
+
+
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     """Coded arrays of x (..., T, d); see the module docstring for what they hold."""
     dim = x.shape[-1]
@@ -83,14 +114,21 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         arrays["mean"] = mean
         # Subtract the stored (rounded) mean so decode adds back exactly what was removed.
         values = values - mean.astype(mx.float32)
-    code_blocks, norm_blocks = [], []
-    for block in _blocks(dim, spec.bits, spec.seed):
-        codes, norm = block.encode(values[..., block.offset : block.offset + block.size])
-        code_blocks.append(codes)
-        norm_blocks.append(norm)
-    norms = mx.concatenate(norm_blocks, axis=-1)
-    codes = code_blocks[0] if len(code_blocks) == 1 else mx.concatenate(code_blocks, axis=-1)
-    arrays["codes"] = pack_bits(codes, spec.bits)
+    if spec.outliers and spec.outliers < dim:
+        # Outlier split: the highest-energy channels of each head get their own rotation, norm
+        # and finer codebook; channel indices ascending, stored once per head.
+        energy = mx.mean(values * values, axis=-2, keepdims=True)
+        hi = mx.sort(mx.argsort(-energy, axis=-1)[..., : spec.outliers], axis=-1).astype(mx.int32)
+        lo = _other_channels(hi, dim)
+        arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)
+        codes_hi, norms_hi = _code(_gather(values, hi), spec.outlier_bits, spec.seed)
+        codes_lo, norms_lo = _code(_gather(values, lo), spec.bits, spec.seed)
+        arrays["codes"] = mx.concatenate([codes_hi, codes_lo], axis=-1)
+        norms = mx.concatenate([norms_hi, norms_lo], axis=-1)
+    else:
+        if spec.outliers:
+            raise ValueError(f"{spec.outliers} outlier channels leave none of head dim {dim}")
+        arrays["codes"], norms = _code(values, spec.bits, spec.seed)
     if spec.norm_bits == 8:
         arrays.update(_log_norms(norms))
         return arrays
@@ -135,13 +173,20 @@ def _norm_values(arrays: dict[str, mx.array]) -> mx.array:
 
 def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     """Inverse of `encode_arrays`, in `dtype`."""
-    codes = unpack_bits(arrays["codes"], spec.bits, dim)
     norms = _norm_values(arrays)
-    parts = []
-    for index, block in enumerate(_blocks(dim, spec.bits, spec.seed)):
-        codes_block = codes[..., block.offset : block.offset + block.size]
-        parts.append(block.decode(codes_block, norms[..., index : index + 1]))
-    out = parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-1)
+    if spec.outliers:
+        from promptvault.codec.packing import packed_width
+
+        hi = arrays["channels"].astype(mx.int32)
+        k = hi.shape[-1]
+        lo = _other_channels(hi, dim)
+        width, n_hi = packed_width(k, spec.outlier_bits), len(rotation_blocks(k))
+        x_hi = _uncode(arrays["codes"][..., :width], norms[..., :n_hi], spec.outlier_bits, spec.seed, k)
+        x_lo = _uncode(arrays["codes"][..., width:], norms[..., n_hi:], spec.bits, spec.seed, dim - k)
+        inverse = mx.argsort(mx.concatenate([hi, lo], axis=-1), axis=-1)
+        out = _gather(mx.concatenate([x_hi, x_lo], axis=-1), inverse)
+    else:
+        out = _uncode(arrays["codes"], norms, spec.bits, spec.seed, dim)
     if "mean" in arrays:
         out = out + arrays["mean"].astype(mx.float32)
     return out.astype(dtype)
