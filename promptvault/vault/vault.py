@@ -99,6 +99,7 @@ class StoreResult:
 class _Loaded:
     payload: caches.BlockPayload
     nbytes: int
+    tokens: np.ndarray  # the chunk's token ids, from the shard itself (not the index)
 
 
 class Vault:
@@ -222,13 +223,15 @@ class Vault:
         Any shard that fails its checksum is quarantined and the whole restore becomes a miss
         (empty caches), so generation proceeds exactly as if cold.
         """
-        look = self.lookup(lm, tokens)
+        look = self.lookup(lm, _tokens(lm, tokens))
         miss = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none",
                              look.seconds, 0.0, 0.0)
         if not look.tokens_reused:
             return miss
         t0 = time.perf_counter()
         payloads, bad = self._payloads(look.chunks)
+        if not bad:
+            bad = self._mismatched(look.chunks, _tokens(lm, tokens), look.tokens_reused)
         read_s = time.perf_counter() - t0
         if bad:
             log.warning("%d stored chunk(s) failed their check and were quarantined; running cold", len(bad))
@@ -249,6 +252,29 @@ class Vault:
         self.index.touch([r["key"] for r in look.chunks])
         return RestoreResult(cache, look.tokens_total, look.tokens_reused, look.tier, look.seconds,
                              read_s, decode_s)
+
+    def _mismatched(self, rows: list[dict], toks: np.ndarray, reuse: int) -> list[str]:
+        """Keys of chunks whose own tokens (in the shard) differ from the prompt over the reused
+        span. The lookup trusted the index's copy of the tokens; a damaged index must not make a
+        shard serve a prompt it was not computed for. Such a row is re-read from its file."""
+        bad = []
+        for row in rows:
+            item = self.ram.get(row["key"])
+            start, need = row["position"], min(row["n_tokens"], reuse - row["position"])
+            if item is None or need <= 0:
+                continue
+            if len(item.tokens) < need or not np.array_equal(item.tokens[:need], toks[start : start + need]):
+                bad.append(row["key"])
+                self.ram.discard(row["key"])
+                self.index.delete_chunks([row["key"]])
+                try:
+                    self._index_file(self.shards / row["file"])
+                except (CorruptShard, KeyError, ValueError, TypeError, OSError):
+                    pass
+        if bad:
+            log.warning("the index disagreed with %d shard(s) about their tokens; rows re-read from the files",
+                        len(bad))
+        return bad
 
     def _payloads(self, rows: list[dict]) -> tuple[list, list[str]]:
         payloads, bad = [], []
@@ -281,7 +307,8 @@ class Vault:
             self._quarantine(row["key"], path)
             return None
         arrays = {k: v for k, v in shard.arrays.items() if k != _TOKENS}
-        return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()))
+        toks = np.asarray(shard.arrays[_TOKENS]).astype(np.int64) if _TOKENS in shard.arrays else np.zeros(0, np.int64)
+        return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks)
 
     def _quarantine(self, key: str, path: Path) -> None:
         qdir = self.root / "quarantine"
@@ -391,7 +418,8 @@ class Vault:
         inserted = self.index.add_chunk(
             {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": nbytes,
              "checksum": checksum}, snapshot=exact_only(ns))
-        self.ram.put(key, _Loaded(payload, payload.nbytes), payload.nbytes)
+        self.ram.put(key, _Loaded(payload, payload.nbytes, np.asarray(toks[start:end], dtype=np.int64)),
+                     payload.nbytes)
         res.write_s += time.perf_counter() - t1
         if inserted:
             res.written += 1
