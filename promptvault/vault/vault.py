@@ -411,13 +411,23 @@ class Vault:
         chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start}
         arrays = {**payload.arrays, _TOKENS: mx.array(toks[start:end], dtype=mx.uint32)}
         rel = relpath(key)
-        nbytes, checksum = write_shard(self.shards / rel, arrays, {
-            "format": SHARD_FORMAT, "chunk": canonical_json(chunk),
-            "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)})
-        self.index.add_namespace(ns)
-        inserted = self.index.add_chunk(
-            {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": nbytes,
-             "checksum": checksum}, snapshot=exact_only(ns))
+        try:
+            nbytes, checksum = write_shard(self.shards / rel, arrays, {
+                "format": SHARD_FORMAT, "chunk": canonical_json(chunk),
+                "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)})
+        except OSError as e:  # disk full, file too large, I/O error: the temp file is gone already
+            raise VaultPathError(f"cannot write to vault {self.root}: {e.strerror or e} "
+                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
+        try:
+            self.index.add_namespace(ns)
+            inserted = self.index.add_chunk(
+                {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": nbytes,
+                 "checksum": checksum}, snapshot=exact_only(ns))
+        except sqlite3.OperationalError as e:  # e.g. the index cannot grow on a full disk
+            if self.index.chunk(key) is None:
+                (self.shards / rel).unlink(missing_ok=True)  # not indexed: do not leave it behind
+            raise VaultPathError(f"cannot write to vault {self.root} index: {e} "
+                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
         self.ram.put(key, _Loaded(payload, payload.nbytes, np.asarray(toks[start:end], dtype=np.int64)),
                      payload.nbytes)
         res.write_s += time.perf_counter() - t1
