@@ -9,6 +9,7 @@ old rows, recurrent state has moved on). Without a vault the run is an ordinary 
 generation, for comparison.
 """
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -19,6 +20,8 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from promptvault.errors import PromptvaultError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,7 +82,9 @@ def run_prompt(
         if on_text is not None and response.text:
             on_text(response.text)
     saved, save_s = 0, 0.0
-    if vault is not None and save:
+    if vault is not None and save and getattr(vault, "read_only", False):
+        log.warning("the vault at %s is read-only: this prompt's new blocks were not stored", vault.root)
+    elif vault is not None and save:
         save_start = time.perf_counter()
         if all(type(layer) is KVCache for layer in cache):
             stored = vault.save(lm, cache, tokens)

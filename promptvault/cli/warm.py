@@ -30,10 +30,11 @@ def warm_cmd(sources, chat, system, label, model, key_bits, value_bits, vault_pa
     from promptvault.models import load_model
 
     prompts = read_sources(list(sources))
-    lm = load_model(model)
-    encoded = [(p, prompt_tokens(lm.tokenizer, p, chat=chat, system=system)) for p in prompts]
     rows = []
     with open_vault(vault_path, block_size, ram_cap, disk_cap, make_codec(key_bits, value_bits)) as vault:
+        vault.require_writable("warm prompts")  # before the model loads: fail in a second, not ten
+        lm = load_model(model)
+        encoded = [(p, prompt_tokens(lm.tokenizer, p, chat=chat, system=system)) for p in prompts]
         per_token = fp16_bytes_per_token(vault.namespace(lm).descriptor)
         total = sum(len(tokens) for _, tokens in encoded)
         # The bar is for people watching a terminal; pipes and logs get only the summary.

@@ -1,6 +1,7 @@
 """The vault: compressed prompt caches on disk, in chained token blocks (see vault.py)."""
 
-from promptvault.vault.errors import CapTooSmallError, VaultError, VaultPathError, VaultSettingsError
+from promptvault.vault.errors import (CapTooSmallError, VaultError, VaultPathError, VaultReadOnlyError,
+                                     VaultSettingsError)
 from promptvault.vault.vault import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CODEC,
@@ -12,4 +13,5 @@ from promptvault.vault.vault import (
 )
 
 __all__ = ["CapTooSmallError", "DEFAULT_BLOCK_SIZE", "DEFAULT_CODEC", "DEFAULT_RAM_CAP", "LookupResult",
-           "RestoreResult", "StoreResult", "Vault", "VaultError", "VaultPathError", "VaultSettingsError"]
+           "RestoreResult", "StoreResult", "Vault", "VaultError", "VaultPathError", "VaultReadOnlyError",
+           "VaultSettingsError"]

@@ -11,6 +11,10 @@ class VaultPathError(VaultError):
     """The vault directory cannot be created, read or written."""
 
 
+class VaultReadOnlyError(VaultPathError):
+    """A write (warm, save, gc, rm, reindex) to a vault opened read-only (no write access)."""
+
+
 class VaultSettingsError(VaultError):
     """Settings that contradict the vault's fixed ones, or make no sense (e.g. block size 0)."""
 

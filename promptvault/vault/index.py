@@ -33,8 +33,21 @@ _CHUNK_COLS = ("key", "namespace", "parent", "position", "n_tokens", "tokens", "
 
 
 class Index:
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | None, read_only: bool = False):
+        """Open (and create or migrate) the index at `path`. read_only: open it without writing
+        anything (a vault on a read-only filesystem, or another user's); None: in memory."""
+        self.path = Path(path) if path is not None else None
+        self.read_only = read_only
+        if path is None:
+            self.db = sqlite_utils.Database(memory=True)
+            migrations.apply(self.db)
+            return
+        if read_only:
+            self.db = sqlite_utils.Database(_read_only_connection(self.path))
+            if list(migrations.pending(self.db)):
+                raise sqlite3.OperationalError(
+                    "the index has an older schema and the vault is read-only: open it once with write access")
+            return
         if not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM inherit 0600
         self.db = sqlite_utils.Database(str(self.path))
@@ -51,6 +64,8 @@ class Index:
 
     def checkpoint(self) -> None:
         """Fold the WAL back into the database and truncate it (it counts against the disk cap)."""
+        if self.read_only or self.path is None:
+            return
         try:
             self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.OperationalError:  # another process is busy: a later checkpoint does it
@@ -169,3 +184,20 @@ class Index:
         with self.db.conn:
             for table in ("snapshots", "chunks", "namespaces"):
                 self.db.conn.execute(f"DELETE FROM {table}")
+
+
+def _read_only_connection(path: Path) -> sqlite3.Connection:
+    """A connection that never writes: mode=ro sees other writers' WAL when the -shm is usable;
+    where it is not (a read-only filesystem, no -shm), the file is opened as immutable."""
+    uri = path.resolve().as_uri()
+    for flags in ("mode=ro", "mode=ro&immutable=1"):
+        conn = sqlite3.connect(f"{uri}?{flags}", uri=True)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            conn.close()
+            if "immutable" in flags:
+                raise
+    raise AssertionError("unreachable")

@@ -36,7 +36,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import CodecSpec, KVCodec
 from promptvault.vault import caches, compact
-from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
+from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultReadOnlyError, VaultSettingsError
 from promptvault.vault.index import Index
 from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import exact_only, plan
@@ -115,23 +115,34 @@ class Vault:
                  ram_cap: int = DEFAULT_RAM_CAP, codec: KVCodec | None = None):
         self.root = Path(path).expanduser()
         self.codec = codec or DEFAULT_CODEC
+        self.read_only = False  # set when the directory cannot be written: reads work, writes raise
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)
             self.shards = self.root / "shards"
-            self.shards.mkdir(mode=0o700, exist_ok=True)
             if not os.access(self.root, os.W_OK | os.X_OK):
-                raise PermissionError(f"no write permission on {self.root}")
+                if not (self.root / "vault.json").exists():
+                    raise PermissionError(f"no write permission on {self.root}")
+                self.read_only = True
+            else:
+                os.chmod(self.root, 0o700)
+                self.shards.mkdir(mode=0o700, exist_ok=True)
             self.block_size = self._settings(block_size)
-            new_index = not (self.root / "index.sqlite").exists()
+            index_path = self.root / "index.sqlite"
+            new_index = not index_path.exists()
             try:
-                self.index = Index(self.root / "index.sqlite")
+                if self.read_only:  # a missing index is rebuilt in memory from the files
+                    self.index = Index(None if new_index else index_path, read_only=not new_index)
+                else:
+                    self.index = Index(index_path)
             except sqlite3.DatabaseError as e:
                 if not _corrupt(e):
-                    raise VaultPathError(f"vault index {self.root / 'index.sqlite'} is not usable: {e}") from None
-                self._set_aside_index(e)  # the files are the truth: rebuild the index from them
-                self.index = Index(self.root / "index.sqlite")
-                new_index = True
+                    raise VaultPathError(f"vault index {index_path} is not usable: {e}") from None
+                if self.read_only:
+                    self.index, new_index = Index(None), True
+                else:
+                    self._set_aside_index(e)  # the files are the truth: rebuild the index from them
+                    self.index = Index(index_path)
+                    new_index = True
         except OSError as e:
             raise VaultPathError(f"vault path {self.root} is not usable: {e.strerror or e}") from None
         for cap, name in ((disk_cap, "disk_cap"), (ram_cap, "ram_cap")):
@@ -139,8 +150,8 @@ class Vault:
                 raise VaultSettingsError(f"{name} must be >= 0 bytes, got {cap}")
         self.ram = RamTier(ram_cap)
         self.disk = DiskTier(self.root, self.shards, disk_cap)
-        if new_index and any(self.shards.iterdir()):
-            self.reindex()  # the index was lost: the files are the truth
+        if new_index and self.shards.is_dir() and any(self.shards.iterdir()):
+            self._reindex()  # the index was lost: the files are the truth
 
     def _set_aside_index(self, error: Exception) -> None:
         """Move a corrupt index (and its WAL / shared memory) to quarantine/ for inspection."""
@@ -153,6 +164,11 @@ class Vault:
                 os.replace(path, qdir / f"index.sqlite{suffix}.{stamp}.corrupt")
         log.warning("the vault index was corrupt (%s): set aside in quarantine/, rebuilding it from the shards",
                     error)
+
+    def require_writable(self, what: str) -> None:
+        """Raise VaultReadOnlyError (one line) if this vault was opened read-only."""
+        if self.read_only:
+            raise VaultReadOnlyError(f"vault {self.root} is read-only (no write access): cannot {what}")
 
     def _settings(self, block_size: int | None) -> int:
         path = self.root / "vault.json"
@@ -249,7 +265,8 @@ class Vault:
         log.info("restored %d of %d tokens from %d chunks (%s): lookup %.1f ms, read %.1f ms, decode %.1f ms",
                  look.tokens_reused, look.tokens_total, len(look.chunks), look.tier, look.seconds * 1e3,
                  read_s * 1e3, decode_s * 1e3)
-        self.index.touch([r["key"] for r in look.chunks])
+        if not self.read_only:
+            self.index.touch([r["key"] for r in look.chunks])
         return RestoreResult(cache, look.tokens_total, look.tokens_reused, look.tier, look.seconds,
                              read_s, decode_s)
 
@@ -266,6 +283,8 @@ class Vault:
             if len(item.tokens) < need or not np.array_equal(item.tokens[:need], toks[start : start + need]):
                 bad.append(row["key"])
                 self.ram.discard(row["key"])
+                if self.read_only:
+                    continue
                 self.index.delete_chunks([row["key"]])
                 try:
                     self._index_file(self.shards / row["file"])
@@ -301,7 +320,8 @@ class Vault:
             meta = {**compact.unpack(shard.metadata["payload"]), "layout": ns["layout"]["layers"],
                     "codec": ns["codec"]}
         except FileNotFoundError:  # evicted by another process meanwhile
-            self.index.delete_chunks([row["key"]])
+            if not self.read_only:
+                self.index.delete_chunks([row["key"]])
             return None
         except (CorruptShard, KeyError, ValueError, TypeError):
             self._quarantine(row["key"], path)
@@ -311,6 +331,10 @@ class Vault:
         return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks)
 
     def _quarantine(self, key: str, path: Path) -> None:
+        self.ram.discard(key)
+        if self.read_only:  # cannot move it: it stays a miss for this process
+            log.warning("corrupt shard %s left in place: the vault is read-only", path)
+            return
         qdir = self.root / "quarantine"
         qdir.mkdir(mode=0o700, exist_ok=True)
         try:
@@ -333,6 +357,7 @@ class Vault:
         same state a later restore of that prefix continues from. The prompt's tail shorter than
         a block is stored as a leaf.
         """
+        self.require_writable("warm a prompt")
         toks = _tokens(lm, tokens)
         ns = self.namespace(lm)
         spans = self._spans(len(toks))
@@ -375,6 +400,7 @@ class Vault:
         Only layers that still hold every block's rows can be saved after the fact (KVCache);
         a ring that dropped rows, or recurrent state that moved on, raises: warm those instead.
         """
+        self.require_writable("store a cache")
         toks = _tokens(lm, tokens)
         ns = self.namespace(lm)
         spans = self._spans(len(toks))
@@ -463,6 +489,10 @@ class Vault:
 
     def reindex(self) -> dict:
         """Rebuild the index from the shard files alone (headers read, bytes checked on use)."""
+        self.require_writable("rebuild its index")
+        return self._reindex()
+
+    def _reindex(self) -> dict:
         try:
             self.index.clear()
         except sqlite3.DatabaseError as e:
@@ -500,6 +530,7 @@ class Vault:
 
     def gc(self) -> dict:
         """Tidy up: stale temp files, rows whose files are gone, unindexed files, the disk cap."""
+        self.require_writable("tidy it up")
         now = time.time()
         temps = 0
         for path in self.shards.glob("*/*/.tmp-*"):
@@ -538,6 +569,7 @@ class Vault:
         """
         if sum(x is not None and x is not False for x in (namespace, label, everything)) != 1:
             raise VaultSettingsError("rm needs exactly one of: namespace, label, everything")
+        self.require_writable("remove chunks")
         if everything:
             doomed = [r["key"] for r in self.index.all_chunks()]
             self.index.delete_warmed([w["id"] for w in self.index.warmed()])
