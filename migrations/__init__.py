@@ -49,3 +49,10 @@ def m001_initial(db):
         {"key": str, "namespace": str, "position": int}, pk="key",
         foreign_keys=[("key", "chunks", "key")],
     )
+
+
+@migrations()
+def m002_warmed_last_key(db):
+    """Index warmed prompts by their last chunk. Every warm checks for its own row before adding
+    it (`Index.add_warmed`), and gc drops prompts whose last chunk is gone: by last_key both."""
+    db["warmed"].create_index(["last_key"], if_not_exists=True)
