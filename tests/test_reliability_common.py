@@ -42,9 +42,9 @@ def text(start: int, chars: int) -> str:
     return full[start : start + chars]
 
 
-def pv(*args, check=False, timeout=300, **kw) -> subprocess.CompletedProcess:
-    """Run the installed `promptvault` executable."""
-    res = subprocess.run([EXE, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
+def pv(*args, check=False, timeout=300, prefix=(), **kw) -> subprocess.CompletedProcess:
+    """Run the installed `promptvault` executable (behind `prefix`, e.g. setpriv)."""
+    res = subprocess.run([*prefix, EXE, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)
     if check:
         assert res.returncode == 0, res.stderr
     return res
