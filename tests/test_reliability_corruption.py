@@ -59,7 +59,7 @@ def _rewarm(base, vault) -> bool:
 def test_random_byte_flips_in_shards(base, tmp_path, request):
     n = 100 if is_long(request) else 6
     rng = random.Random(int(time.time()))
-    detected = repaired = wrong = 0
+    detected = repaired = wrong = lost = 0
     for i in range(n):
         vault = _copy(base, tmp_path / f"v{i}")
         row = rng.choice(base["rows"])
@@ -80,6 +80,7 @@ def test_random_byte_flips_in_shards(base, tmp_path, request):
         with Vault(vault, codec=CODEC) as v:
             v.verify()
             still_indexed = v.index.chunk(row["key"]) is not None
+            lost += len(base["keys"] - {row["key"]} - {r["key"] for r in v.index.all_chunks()})
         quarantined = [p for p in (vault / "quarantine").glob("*") if row["key"] in p.name]
         assert not still_indexed and not shard.exists() and quarantined, (row["file"], at)
         detected += 1
@@ -87,14 +88,15 @@ def test_random_byte_flips_in_shards(base, tmp_path, request):
         got, reused = vault_run(base["lm"], vault, base["q_toks"])
         assert got == base["cold"] and reused == len(base["q_toks"]) - 1 or reused >= len(base["doc_toks"]) - BLOCK
         shutil.rmtree(vault)
-    assert detected == repaired == n and wrong == 0
-    record("byte flip in a shard", injected=n, detected=detected, repaired=repaired, wrong_outputs=wrong, data_lost=0)
+    assert detected == repaired == n and wrong == lost == 0
+    record("byte flip in a shard", injected=n, detected=detected, repaired=repaired, wrong_outputs=wrong,
+           data_lost=lost)
 
 
 def test_truncated_and_deleted_shards(base, tmp_path, request):
     n = 20 if is_long(request) else 2
     rng = random.Random(int(time.time()) + 1)
-    detected = repaired = wrong = 0
+    detected = repaired = wrong = lost = 0
     for i in range(n):
         vault = _copy(base, tmp_path / f"v{i}")
         victims = rng.sample(base["rows"], rng.randint(1, 3))
@@ -114,13 +116,14 @@ def test_truncated_and_deleted_shards(base, tmp_path, request):
             left = {r["key"] for r in v.index.all_chunks()}
         # Each damaged shard was caught by the run or by verify; none is indexed any more.
         assert not left & {r["key"] for r in victims}, res.stdout
+        lost += len(base["keys"] - {r["key"] for r in victims} - left)
         assert pv("verify", "--vault", vault).returncode == 0
         detected += len(victims)
         repaired += len(victims) if _rewarm(base, vault) else 0
         shutil.rmtree(vault)
-    assert wrong == 0 and repaired == detected
+    assert wrong == lost == 0 and repaired == detected
     record("truncated or deleted shard", injected=detected, detected=detected, repaired=repaired,
-           wrong_outputs=wrong, data_lost=0)
+           wrong_outputs=wrong, data_lost=lost)
 
 
 def _index_damage(vault: Path, how: str, rng) -> None:
@@ -157,7 +160,9 @@ def test_lost_or_garbled_index_is_rebuilt_from_shards(base, tmp_path, how):
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["indexed"] == len(base["keys"])
     assert pv("verify", "--vault", vault).returncode == 0
-    record("index deleted or corrupted", injected=2, detected=2, repaired=2, wrong_outputs=0, data_lost=0)
+    lost = len(base["keys"] - {r["key"] for r in index_rows(vault)})
+    assert lost == 0
+    record(f"index {how}", injected=2, detected=2, repaired=2, wrong_outputs=0, data_lost=lost)
 
 
 def test_index_that_lies_about_tokens_is_not_trusted(base, tmp_path):

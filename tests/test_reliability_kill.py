@@ -123,5 +123,8 @@ def test_kill_9_during_warm(setup, tmp_path, request):
         assert reused >= setup["doc_tokens"] // BLOCK * BLOCK and got == setup["cold"], event
         shutil.rmtree(vault)
     assert lost == 0 and wrong == 0
+    # detected: every kill was followed by the checks above (vault opens, verify clean, exact
+    # output); partial_states: kills that interrupted the writes (temp file, unindexed shard, part
+    # of the prompt stored); repaired: re-runs of the warm that completed.
     record("kill -9 during warm", injected=kills, detected=kills, repaired=kills, wrong_outputs=wrong,
            data_lost=lost, partial_states=partial_states)
