@@ -1,6 +1,7 @@
 """The TurboQuant codec against theory, MLX's affine quantizer, and bad input."""
 
 import hashlib
+import json
 import subprocess
 import sys
 
@@ -348,11 +349,12 @@ def _outlier_channel_keys(dim, seed=0):
     return x * mx.array(scale)
 
 
-@pytest.mark.parametrize("dim,k", [(64, 16), (256, 64), (72, 8)])
+@pytest.mark.parametrize("dim,k", [(64, 16), (256, 64), (72, 16)])
 def test_outlier_split_codes_the_loud_channels_finer(dim, k):
     x = _outlier_channel_keys(dim)
     plain = encode(x, CodecSpec(bits=4, center=True))
-    split_spec = CodecSpec(bits=4, center=True, outliers=k, outlier_bits=6)
+    split_spec = CodecSpec(bits=4, center=True, outliers=0.25, outlier_bits=6)
+    assert split_spec.outlier_channels(dim) == k
     split = encode(x, split_spec)
     # The four loud channels are among the stored ones, for every head.
     channels = np.array(split.arrays["channels"])
@@ -370,11 +372,13 @@ def test_outlier_split_codes_the_loud_channels_finer(dim, k):
 
 
 def test_outlier_split_spec_json_and_validation():
-    spec = CodecSpec(bits=4, center=True, norm_bits=8, outliers=16, outlier_bits=6)
-    assert CodecSpec.from_json(spec.to_json()) == spec and str(spec) == "tq4cn8o16x6"
+    spec = CodecSpec(bits=4, center=True, norm_bits=8, outliers=0.25, outlier_bits=6)
+    assert CodecSpec.from_json(spec.to_json()) == spec and str(spec) == "tq4cn8o25x6"
+    assert json.loads(json.dumps(spec.to_json())) == spec.to_json()
     assert "outliers" not in CodecSpec(bits=4).to_json()  # old readers see the same JSON as before
-    for bad in ({"outliers": 16}, {"outliers": -1}, {"outlier_bits": 5}, {"outliers": 16, "outlier_bits": 9}):
+    for bad in ({"outliers": 0.25}, {"outliers": -0.1}, {"outliers": 1.0}, {"outlier_bits": 5},
+                {"outliers": 0.25, "outlier_bits": 9}, {"outliers": True, "outlier_bits": 6}):
         with pytest.raises(ValueError, match="outlier"):
             CodecSpec(bits=4, **bad)
     with pytest.raises(ValueError, match="outlier"):
-        encode(gaussian((1, 1, 4, 16)), CodecSpec(bits=4, outliers=16, outlier_bits=6))
+        encode(gaussian((1, 1, 4, 8)), CodecSpec(bits=4, outliers=0.25, outlier_bits=6))

@@ -22,6 +22,7 @@ b + 0.5 bits per coordinate (float16 scales and biases), as mlx-lm's QuantizedKV
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,19 +53,26 @@ class Setting:
         return self.kv is not None and self.kv.keys.lossless and self.kv.values.lossless and not self.kv.sinks
 
 
+_SPEC = re.compile(r"^(\d+)(c?)(n8)?(?:o(\d+)x(\d+))?$")
+
+
 def _spec(part: str) -> CodecSpec:
-    """'4c' -> 4 bits centered, '3n8' -> 3 bits with 8-bit log norms, 'l' -> lossless."""
+    """'4c' -> 4 bits centered, '3n8' -> 3 bits with 8-bit log norms, '4cn8o25x6' -> the loudest
+    25% of each head's channels apart at 6 bits, 'l' -> lossless."""
     if part == "l":
         return LOSSLESS
-    center = "c" in part
-    norm8 = part.endswith("n8")
-    bits = int(part.replace("n8", "").replace("c", ""))
-    return CodecSpec(bits=bits, center=center, norm_bits=8 if norm8 else 16)
+    m = _SPEC.match(part)
+    if not m:
+        raise ValueError(f"bad codec part {part!r}")
+    bits, center, norm8, outliers, outlier_bits = m.groups()
+    return CodecSpec(bits=int(bits), center=bool(center), norm_bits=8 if norm8 else 16,
+                     outliers=int(outliers or 0) / 100, outlier_bits=int(outlier_bits or 0))
 
 
 def parse_setting(name: str) -> Setting:
-    """Names: 'lossless', 'affine4', 'affine8', or 'k<bits>[c][n8]-v<bits>[c][n8][-s<sinks>][-b<block>]'
-    e.g. 'k4c-v3' (4-bit centered keys, 3-bit values), 'k5cn8-v3n8-s4-b512'."""
+    """Names: 'lossless', 'affine4', 'affine8', or 'k<spec>-v<spec>[-s<sinks>][-b<block>]' with
+    spec = <bits>[c][n8][o<channels>x<bits>] or 'l' (lossless): e.g. 'k4c-v3' (4-bit centered
+    keys, 3-bit values), 'k5cn8-v3n8-s4-b512', 'k4cn8o25x6-v3n8-s1'."""
     if name == "lossless":
         return Setting(name, KVCodec(LOSSLESS, LOSSLESS))
     if name.startswith("affine"):

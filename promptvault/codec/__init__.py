@@ -50,7 +50,7 @@ def bytes_per_vector(dim: int, spec: CodecSpec, dtype_bytes: int = 2) -> float:
     from promptvault.codec.rotation import rotation_blocks
 
     if spec.outliers:
-        k = spec.outliers
+        k = spec.outlier_channels(dim)
         return (packed_width(k, spec.outlier_bits) + packed_width(dim - k, spec.bits)
                 + spec.norm_bits // 8 * (len(rotation_blocks(k)) + len(rotation_blocks(dim - k))))
     return packed_width(dim, spec.bits) + spec.norm_bits // 8 * len(rotation_blocks(dim))

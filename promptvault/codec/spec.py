@@ -20,16 +20,18 @@ class CodecSpec:
         is a quarter bit per coordinate, so 8 bits buy 4% of size for ~0.5% rms norm error,
         small next to the direction's error at 2–4 bits.
     outliers, outlier_bits: the outlier-channel split of the TurboQuant paper. Per coded tensor
-        and head, the `outliers` channels with the most energy over the tokens (after centering)
-        are coded apart, with their own rotation, norm and `outlier_bits`-bit codebook; the other
-        channels with `bits`. Channel indices are stored (one byte each per head). 0: off.
+        and head, the share `outliers` (0 < share < 1) of the channels with the most energy over
+        the tokens (after centering) is coded apart, with its own rotation, norm and
+        `outlier_bits`-bit codebook; the other channels with `bits`. The count is the share of
+        the head dim rounded to a multiple of 8 (at least 8): 0.25 → 16 of 64, 64 of 256.
+        Channel indices are stored (one byte each per head). 0: off.
     """
 
     bits: int | None
     seed: int = 0
     center: bool = False
     norm_bits: int = 16
-    outliers: int = 0
+    outliers: float = 0.0
     outlier_bits: int = 0
 
     def __post_init__(self):
@@ -40,13 +42,13 @@ class CodecSpec:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
         if self.norm_bits not in (8, 16):
             raise ValueError(f"norm_bits must be 8 or 16, got {self.norm_bits!r}")
-        for name in ("outliers", "outlier_bits"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.outliers and (self.bits is None or not 1 <= self.outlier_bits <= 8 or self.outliers > 255):
-            raise ValueError(f"an outlier split needs coded bits, outlier_bits in 1..8 and at most 255 "
-                             f"outlier channels, got outliers={self.outliers} outlier_bits={self.outlier_bits}")
+        if isinstance(self.outliers, bool) or not isinstance(self.outliers, (int, float)) or not 0 <= self.outliers < 1:
+            raise ValueError(f"outliers must be a share of the channels in [0, 1), got {self.outliers!r}")
+        if isinstance(self.outlier_bits, bool) or not isinstance(self.outlier_bits, int) or self.outlier_bits < 0:
+            raise ValueError(f"outlier_bits must be a non-negative integer, got {self.outlier_bits!r}")
+        if self.outliers and (self.bits is None or not 1 <= self.outlier_bits <= 8):
+            raise ValueError(f"an outlier split needs coded bits and outlier_bits in 1..8, "
+                             f"got outliers={self.outliers} outlier_bits={self.outlier_bits}")
         if not self.outliers and self.outlier_bits:
             raise ValueError("outlier_bits without outliers")
 
@@ -75,7 +77,7 @@ class CodecSpec:
             return cls(bits=None)
         if codec == TURBOQUANT_ID:
             return cls(bits=int(data["bits"]), seed=int(data["seed"]), center=bool(data["center"]),
-                       norm_bits=int(data.get("norm_bits", 16)), outliers=int(data.get("outliers", 0)),
+                       norm_bits=int(data.get("norm_bits", 16)), outliers=float(data.get("outliers", 0.0)),
                        outlier_bits=int(data.get("outlier_bits", 0)))
         raise ValueError(f"unknown codec {codec!r} (this promptvault reads {TURBOQUANT_ID}, {LOSSLESS_ID})")
 
@@ -83,7 +85,16 @@ class CodecSpec:
         if self.lossless:
             return "lossless"
         return (f"tq{self.bits}" + ("c" if self.center else "") + ("n8" if self.norm_bits == 8 else "")
-                + (f"o{self.outliers}x{self.outlier_bits}" if self.outliers else ""))
+                + (f"o{round(100 * self.outliers)}x{self.outlier_bits}" if self.outliers else ""))
+
+    def outlier_channels(self, dim: int) -> int:
+        """How many channels of a head dim the outlier split codes apart (0: no split)."""
+        if not self.outliers:
+            return 0
+        k = max(8, int(round(self.outliers * dim / 8)) * 8)
+        if k >= dim:
+            raise ValueError(f"an outlier share of {self.outliers} leaves no channels of head dim {dim}")
+        return k
 
 
 LOSSLESS = CodecSpec(bits=None)

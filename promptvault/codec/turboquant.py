@@ -114,11 +114,12 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         arrays["mean"] = mean
         # Subtract the stored (rounded) mean so decode adds back exactly what was removed.
         values = values - mean.astype(mx.float32)
-    if spec.outliers and spec.outliers < dim:
+    if spec.outliers:
         # Outlier split: the highest-energy channels of each head get their own rotation, norm
         # and finer codebook; channel indices ascending, stored once per head.
+        k = spec.outlier_channels(dim)
         energy = mx.mean(values * values, axis=-2, keepdims=True)
-        hi = mx.sort(mx.argsort(-energy, axis=-1)[..., : spec.outliers], axis=-1).astype(mx.int32)
+        hi = mx.sort(mx.argsort(-energy, axis=-1)[..., :k], axis=-1).astype(mx.int32)
         lo = _other_channels(hi, dim)
         arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)
         codes_hi, norms_hi = _code(_gather(values, hi), spec.outlier_bits, spec.seed)
@@ -126,8 +127,6 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         arrays["codes"] = mx.concatenate([codes_hi, codes_lo], axis=-1)
         norms = mx.concatenate([norms_hi, norms_lo], axis=-1)
     else:
-        if spec.outliers:
-            raise ValueError(f"{spec.outliers} outlier channels leave none of head dim {dim}")
         arrays["codes"], norms = _code(values, spec.bits, spec.seed)
     if spec.norm_bits == 8:
         arrays.update(_log_norms(norms))
