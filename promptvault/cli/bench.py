@@ -31,6 +31,32 @@ def codec_cmd(bits_list, dims, tokens, seed, model, real, as_json):
     click.echo(json.dumps(rows, indent=1) if as_json else format_table(rows))
 
 
+@bench.command("speed")
+@click.option("--model", default="smollm2", show_default=True,
+              help="Model alias/path/GGUF, or random:llama3-8b / random:qwen3-8b (random weights, bf16).")
+@click.option("--lengths", default=None,
+              help="Comma-separated prefix lengths (default: 512,2048,8192 on CPU; 4096,16384,32768 on GPU).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workdir", default=None, help="Directory for the temporary vault and mlx-lm files.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def speed_cmd(model, lengths, seed, workdir, as_json):
+    """Cold prefill vs warm vs restore (RAM, disk) vs mlx-lm's save/load_prompt_cache."""
+    import mlx.core as mx
+
+    from promptvault.bench.speed import format_table as speed_table, run_speed_bench
+
+    if lengths is None:
+        lengths = "4096,16384,32768" if mx.default_device() == mx.gpu else "512,2048,8192"
+    try:
+        lens = [int(n) for n in lengths.split(",")]
+    except ValueError:
+        raise click.BadParameter("expected comma-separated integers")
+    if any(n < 1 for n in lens):
+        raise click.BadParameter("prefix lengths must be positive")
+    result = run_speed_bench(model, lens, seed=seed, workdir=workdir)
+    click.echo(json.dumps(result, indent=1) if as_json else speed_table(result))
+
+
 @bench.command("fidelity")
 @click.option("--model", "models", multiple=True, default=("smollm2",), show_default=True,
               help="Model alias/path/GGUF; repeat for several (one table each, one plot panel each).")

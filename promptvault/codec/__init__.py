@@ -6,10 +6,12 @@ float16 norm) or lossless, for tensors of vectors (..., T, d) in float16 / bfloa
 """
 
 import mlx.core as mx
+import numpy as np
 
 from promptvault.codec.encoded import DTYPE_NAMES, Encoded
 from promptvault.codec.spec import LOSSLESS, CodecSpec, KVCodec
 from promptvault.codec.turboquant import decode_arrays, encode_arrays
+from promptvault.codec import fused as _fused  # noqa: E402  (after the modules it uses)
 
 __all__ = ["CodecSpec", "KVCodec", "LOSSLESS", "Encoded", "encode", "decode", "bytes_per_vector"]
 
@@ -30,7 +32,12 @@ def _check_input(x) -> None:
 def encode(x: mx.array, spec: CodecSpec) -> Encoded:
     """Code x (..., T, d) with spec. Raises ValueError naming the problem for bad input."""
     _check_input(x)
-    arrays = {"data": x} if spec.lossless else encode_arrays(x, spec)
+    if spec.lossless:
+        arrays = {"data": x}
+    elif lang := _fused.use_fused(spec, x.shape[-1], x.dtype, x.size):
+        arrays = _fused.encode_arrays_with(lang, x, spec)  # one GPU pass (codec/fused.py)
+    else:
+        arrays = encode_arrays(x, spec)
     return Encoded(spec=spec, shape=tuple(x.shape), dtype=x.dtype, arrays=arrays)
 
 
@@ -38,6 +45,11 @@ def decode(enc: Encoded) -> mx.array:
     """The tensor `enc` was made from (exactly, when lossless), in its original dtype."""
     if enc.spec.lossless:
         return enc.arrays["data"]
+    dim = enc.shape[-1]
+    lang = _fused.use_fused(enc.spec, dim, enc.dtype, int(np.prod(enc.shape)))
+    if lang and _fused.arrays_fit(enc.arrays, enc.spec, dim):
+        return _fused.decode_rows_with(lang, [enc.arrays], enc.spec, dim, enc.dtype,
+                                       _fused.identity_map(enc.tokens), enc.tokens)
     return decode_arrays(enc.arrays, enc.spec, enc.shape[-1], enc.dtype)
 
 

@@ -10,8 +10,9 @@ one preallocated buffer: each buffer is sized once, no concatenation chains.
 from typing import Callable, Sequence
 
 import mlx.core as mx
+import numpy as np
 
-from promptvault.codec import LOSSLESS, Encoded, KVCodec, decode, encode
+from promptvault.codec import LOSSLESS, Encoded, KVCodec, decode, encode, fused
 from promptvault.errors import PromptvaultError
 
 
@@ -95,6 +96,10 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
             f"layer {layer}: tokens {missing} are needed but no block holds them (a ring cache "
             f"that had already dropped those rows when the block was captured?)"
         )
+    if decode_rows is decode_segment:
+        buffers = _fill_rows_fused(plan, n_rows)
+        if buffers is not None:
+            return buffers
     buffers = None
     for seg, arrays, prefix, i0, i1, row in plan:
         try:
@@ -112,6 +117,50 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
             buf[..., row : row + i1 - i0, :] = p
         mx.eval(buffers)
     return tuple(buffers)
+
+
+def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
+    """The layer's K and V buffers decoded by the fused GPU kernel: one launch each for all
+    segments, written straight into the (..., n_rows, d) buffer (rows no segment fills are
+    zero). None when the kernels are off or do not fit these segments (then the per-segment
+    reference path runs, and reports any problem)."""
+    if not plan or fused.backend() == "reference":
+        return None
+    uniq: dict[tuple[int, str], int] = {}
+    encs: list[tuple[Encoded, Encoded]] = []
+    for seg, arrays, prefix, _, _, _ in plan:
+        key = (id(arrays), prefix)
+        if key not in uniq:
+            try:
+                pair = tuple(Encoded.from_parts(seg[part], sub_arrays(arrays, f"{prefix}.{part}"))
+                             for part in ("k", "v"))
+            except (KeyError, ValueError):
+                return None
+            uniq[key] = len(encs)
+            encs.append(pair)
+    out = []
+    for part in (0, 1):
+        first = encs[0][part]
+        spec, dim, dtype, lead = first.spec, first.shape[-1], first.dtype, first.shape[:-2]
+        lang = fused.use_fused(spec, dim, dtype, int(np.prod(lead)) * n_rows * dim)
+        if lang is None:
+            return None
+        for pair in encs:
+            e = pair[part]
+            if (e.spec != spec or e.dtype != dtype or e.shape[-1] != dim or e.shape[:-2] != lead
+                    or not fused.arrays_fit(e.arrays, spec, dim)):
+                return None
+        base = np.cumsum([0] + [pair[part].tokens for pair in encs])
+        rowmap = np.zeros((n_rows, 2), dtype=np.int32)
+        rowmap[:, 0] = -1
+        for seg, arrays, prefix, i0, i1, row in plan:
+            j = uniq[(id(arrays), prefix)]
+            rowmap[row : row + i1 - i0, 0] = np.arange(base[j] + i0, base[j] + i1)
+            rowmap[row : row + i1 - i0, 1] = j
+        out.append(fused.decode_rows_with(lang, [pair[part].arrays for pair in encs], spec, dim, dtype,
+                                          rowmap, n_rows))
+    mx.eval(out)
+    return tuple(out)
 
 
 def _missing(needed, covered) -> list[list[int]]:

@@ -1,0 +1,244 @@
+"""Fused kernels vs the pure-MLX reference on a GPU: correctness, then encode/decode GB/s next to
+the measured copy bandwidth.
+
+    python -m promptvault.bench.kernels --check --bench --restore --out DIR
+
+--check   per bits 1–4, head dim 64/96/128/256, dtype float16/bfloat16, plain and centered with
+          8-bit norms: codes byte-identical to the reference (any difference must be a rounding
+          tie on a codebook boundary, counted), float16 norms, decoded values within float16
+          rounding (max difference in units of the output dtype's ulp).
+--bench   GB/s (bytes read + bytes written, once each) of reference and fused encode / decode at
+          2/3/4 bits and d = 64/128/256 on 2^27 float16 elements, and of a plain copy (x + 0).
+--restore restore_cache of a random KVCache / RotatingKVCache with the fused path vs the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from promptvault.codec import CodecSpec, fused
+from promptvault.codec.turboquant import decode_arrays, encode_arrays
+
+
+def _lang() -> str:
+    lang = fused.backend()
+    if lang == "reference":
+        raise SystemExit("no fused backend on this device (needs MLX's CUDA backend or Metal)")
+    return lang
+
+
+def _data(shape, dtype, seed):
+    """Random vectors with a per-channel offset and a few outlier channels (like real keys)."""
+    key = mx.random.key(seed)
+    k1, k2 = mx.random.split(key)
+    x = mx.random.normal(shape, key=k1)
+    chan = mx.random.normal((shape[-1],), key=k2)
+    x = x * (1.0 + 4.0 * (mx.abs(chan) > 2.0)) + 0.5 * chan
+    return x.astype(dtype)
+
+
+def _ulps(have, want, dtype) -> float:
+    """Max |have - want| in ulps of the output dtype, the ulp taken at max(|want|, rms/64) with rms
+    the vector's RMS: near-zero outputs are sums that cancel, where float32 summation order
+    alone moves the result by ~1e-7 of the norm, far below float16 rounding of the vector."""
+    eps = {mx.float16: 2.0**-10, mx.bfloat16: 2.0**-7, mx.float32: 2.0**-23}[dtype]
+    h, w = have.astype(mx.float32), want.astype(mx.float32)
+    rms = mx.sqrt(mx.mean(w * w, axis=-1, keepdims=True))
+    mag = mx.maximum(mx.abs(w), mx.maximum(rms / 64, 1e-30))
+    ulp = mx.power(2.0, mx.floor(mx.log2(mag))) * eps
+    return float(mx.max(mx.abs(h - w) / ulp).item())
+
+
+def check(dims=(64, 96, 128, 256), bits_list=(1, 2, 3, 4), dtypes=(mx.float16, mx.bfloat16)) -> list[dict]:
+    """Every case against the reference (see the module docstring)."""
+    lang = _lang()
+    rows = []
+    seed = 0
+    for dim in dims:
+        for bits in bits_list:
+            for dtype in dtypes:
+                for center, norm_bits in ((False, 16), (True, 8)):
+                    seed += 1
+                    spec = CodecSpec(bits=bits, seed=3, center=center, norm_bits=norm_bits)
+                    x = _data((4, 8, 1024, dim), dtype, seed)
+                    ref = encode_arrays(x, spec)
+                    got = fused.encode_arrays_with(lang, x, spec)
+                    mx.eval(ref, got)
+                    rc, gc = np.array(ref["codes"]), np.array(got["codes"])
+                    ok, why = fused._codes_match(x, spec, ref["codes"], got["codes"])
+                    same = (rc == gc).all(axis=-1).reshape(-1)  # vectors whose codes all match
+                    if norm_bits == 16:  # positive float16: bit patterns order like values
+                        rn = np.array(ref["norms"]).view(np.uint16).astype(np.int64)
+                        gn = np.array(got["norms"]).view(np.uint16).astype(np.int64)
+                    else:
+                        rn, gn = np.array(ref["norms"]).astype(np.int64), np.array(got["norms"]).astype(np.int64)
+                    n = x.shape[-2]
+                    want = decode_arrays(ref, spec, dim, dtype)
+                    have = fused.decode_rows_with(lang, [ref], spec, dim, dtype, fused.identity_map(n), n)
+                    own = fused.decode_rows_with(lang, [got], spec, dim, dtype, fused.identity_map(n), n)
+                    xf = x.astype(mx.float32)
+                    err_ref = float((mx.sum((want.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
+                    err_fused = float((mx.sum((own.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
+                    row = {"dim": dim, "bits": bits, "dtype": str(dtype).split(".")[-1], "center": center,
+                           "norm_bits": norm_bits, "vectors": int(np.prod(x.shape[:-1])),
+                           "code_bytes_differing": int((rc != gc).sum()), "code_bytes": int(rc.size),
+                           "codes_ok": ok, "codes_note": why,
+                           "norms_differing": int((rn != gn).sum()), "norms_max_steps": int(np.abs(rn - gn).reshape(-1)[same].max()),
+                           "vectors_with_a_tie": int((~same).sum()),
+                           "decode_max_ulps": _ulps(have, want, dtype),
+                           "rel_mse_reference": err_ref, "rel_mse_fused_roundtrip": err_fused}
+                    row["pass"] = bool(ok and row["decode_max_ulps"] <= 1.0 and row["norms_max_steps"] <= 1)
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    return rows
+
+
+def _time(fn, reps=7) -> float:
+    out = fn()
+    mx.eval(out)
+    mx.synchronize()
+    times = []
+    for _ in range(reps):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        mx.synchronize()
+        times.append(time.perf_counter() - t0)
+        del out
+    return float(np.median(times))
+
+
+def _nbytes(arrays) -> int:
+    return sum(a.nbytes for a in arrays.values()) if isinstance(arrays, dict) else arrays.nbytes
+
+
+def bench(dims=(64, 128, 256), bits_list=(2, 3, 4), elements=2**27) -> dict:
+    lang = _lang()
+    x = _data((elements // 1024, 1024), mx.float16, 99)
+    copy_s = _time(lambda: x + 0)
+    copy = 2 * x.nbytes / copy_s / 1e9
+    rows = []
+    for dim in dims:
+        x = _data((32, 8, elements // (256 * dim), dim), mx.float16, dim)
+        n = x.shape[-2]
+        for bits in bits_list:
+            spec = CodecSpec(bits=bits)
+            ref = encode_arrays(x, spec)
+            mx.eval(ref)
+            coded = _nbytes(ref)
+            row = {"dim": dim, "bits": bits, "tensor_MB": x.nbytes / 1e6, "coded_MB": coded / 1e6}
+            t = _time(lambda: encode_arrays(x, spec))
+            row["encode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
+            t0 = time.perf_counter()
+            mx.eval(fused.encode_arrays_with(lang, x, spec))
+            row["encode_fused_first_call_s"] = time.perf_counter() - t0
+            t = _time(lambda: fused.encode_arrays_with(lang, x, spec))
+            row["encode_fused_GBs"] = (x.nbytes + coded) / t / 1e9
+            t = _time(lambda: decode_arrays(ref, spec, dim, mx.float16))
+            row["decode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
+            idm = fused.identity_map(n)
+            t0 = time.perf_counter()
+            mx.eval(fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
+            row["decode_fused_first_call_s"] = time.perf_counter() - t0
+            t = _time(lambda: fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
+            row["decode_fused_GBs"] = (x.nbytes + coded) / t / 1e9
+            row["decode_fused_vs_copy"] = row["decode_fused_GBs"] / copy
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del x
+    return {"copy_GBs": copy, "rows": rows}
+
+
+def restore_check() -> list[dict]:
+    """restore_cache through the fused path vs the reference path, on random K/V."""
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from promptvault.codec import KVCodec
+    from promptvault.vault import caches
+
+    results = []
+    for name, make, n in (("KVCache", KVCache, 1000), ("RotatingKVCache", lambda: RotatingKVCache(512, keep=4), 1000)):
+        for codec in (KVCodec(CodecSpec(bits=4, center=True), CodecSpec(bits=3)),
+                      KVCodec(CodecSpec(bits=2, norm_bits=8), CodecSpec(bits=4, center=True, norm_bits=8))):
+            cache = [make() for _ in range(2)]
+            payloads = []
+            for start in range(0, n, 256):
+                end = min(start + 256, n)
+                for c in cache:
+                    k = _data((1, 8, end - start, 128), mx.bfloat16, start + 1)
+                    v = _data((1, 8, end - start, 128), mx.bfloat16, start + 2)
+                    c.update_and_fetch(k, v)
+                payloads.append(caches.encode_block(cache, start, end, codec))
+            outs = {}
+            for mode in ("1", "0"):
+                os.environ["PROMPTVAULT_FUSED"] = mode
+                fused.reset()
+                restored = caches.restore_cache(None, payloads, n - 3)
+                outs[mode] = [(c.keys, c.values, c.offset) for c in restored]
+            os.environ.pop("PROMPTVAULT_FUSED")
+            fused.reset()
+            worst = 0.0
+            same_shape = True
+            for (k1, v1, o1), (k0, v0, o0) in zip(outs["1"], outs["0"]):
+                same_shape &= k1.shape == k0.shape and v1.shape == v0.shape and o1 == o0
+                worst = max(worst, _ulps(k1, k0, mx.bfloat16), _ulps(v1, v0, mx.bfloat16))
+            row = {"cache": name, "codec": str(codec), "same_shapes": bool(same_shape), "max_ulps": worst,
+                   "pass": bool(same_shape and worst <= 1.0)}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    return results
+
+
+def format_bench(result: dict) -> str:
+    lines = [f"copy (x + 0, float16, 256 MiB): {result['copy_GBs']:,.0f} GB/s",
+             "| bits | d | encode ref GB/s | encode fused GB/s | decode ref GB/s | decode fused GB/s | fused decode / copy |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['bits']} | {r['dim']} | {r['encode_ref_GBs']:,.0f} | {r['encode_fused_GBs']:,.0f} | "
+                     f"{r['decode_ref_GBs']:,.0f} | {r['decode_fused_GBs']:,.0f} | {100 * r['decode_fused_vs_copy']:.0f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--restore", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--dims", default="64,96,128,256", help="head dims for --check")
+    ap.add_argument("--bits", default="1,2,3,4", help="bit widths for --check")
+    args = ap.parse_args(argv)
+    result = {"device": str(mx.default_device()), "backend": fused.backend(), "mlx": mx.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    failed = False
+    if args.bench:
+        result["bench"] = bench()
+        print(format_bench(result["bench"]))
+    if args.check:
+        result["check"] = check(dims=[int(d) for d in args.dims.split(",")],
+                                bits_list=[int(b) for b in args.bits.split(",")])
+        failed |= not all(r["pass"] for r in result["check"])
+    if args.restore:
+        result["restore"] = restore_check()
+        failed |= not all(r["pass"] for r in result["restore"])
+    if args.check:
+        bad = [r for r in result["check"] if not r["pass"]]
+        print(f"check: {len(result['check']) - len(bad)}/{len(result['check'])} cases pass")
+        for r in bad:
+            print("FAIL", json.dumps(r))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
