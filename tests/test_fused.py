@@ -1,0 +1,207 @@
+"""Fused GPU kernels (promptvault.codec.fused): what can run without a GPU.
+
+The kernels themselves are checked on an NVIDIA GPU against the reference
+(`python -m promptvault.bench.kernels --check`, results in docs/speed.md). Here: the selection
+rule (CUDA as is, Metal only after its self-check, one warning on failure, CPU → reference),
+the self-check's comparison logic fed with right and wrong implementations, the capability
+check, the generated kernel source of both languages, and the CPU path staying the reference.
+"""
+
+import re
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from promptvault.codec import CodecSpec, decode, encode, fused
+from promptvault.codec.codebook import codebook
+from promptvault.codec.rotation import random_signs
+from promptvault.codec.turboquant import decode_arrays, encode_arrays
+
+
+@pytest.fixture(autouse=True)
+def fresh_selection(monkeypatch):
+    monkeypatch.delenv("PROMPTVAULT_FUSED", raising=False)
+    fused.reset()
+    yield
+    fused.reset()
+
+
+def _reference_decode(arrays, spec, dim, dtype):
+    return decode_arrays(arrays, spec, dim, dtype)
+
+
+# ---- selection ----------------------------------------------------------------------------------
+
+def test_cpu_selects_the_reference_and_codec_output_is_the_reference():
+    assert fused.backend() == "reference"
+    x = (mx.random.normal((2, 4, 40, 128), key=mx.random.key(1)) * 2).astype(mx.float16)
+    spec = CodecSpec(bits=3, center=True)
+    enc = encode(x, spec)
+    ref = encode_arrays(x, spec)
+    assert set(enc.arrays) == set(ref)
+    for name in ref:
+        assert mx.array_equal(enc.arrays[name], ref[name]).item(), name
+    assert mx.array_equal(decode(enc), decode_arrays(ref, spec, 128, mx.float16)).item()
+
+
+def test_cuda_platform_selects_cuda_without_a_check():
+    calls = []
+    assert fused._choose("cuda", lambda lang: calls.append(lang) or (False, "never asked")) == "cuda"
+    assert calls == []
+
+
+def test_env_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("PROMPTVAULT_FUSED", "0")
+    assert fused._choose("cuda", lambda lang: (True, "ok")) == "reference"
+    assert fused._choose("metal", lambda lang: (True, "ok")) == "reference"
+
+
+def test_metal_is_used_only_after_its_self_check_passes():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a passing check warns nothing
+        chosen = fused._choose("metal", lambda lang: fused.self_check(
+            lang, encode_impl=encode_arrays, decode_impl=_reference_decode))
+    assert chosen == "metal"
+
+
+def test_failed_metal_check_warns_once_and_the_process_uses_the_reference(monkeypatch):
+    calls = []
+
+    def failing_check(lang, **_):
+        calls.append(lang)
+        return False, "forced failure"
+
+    monkeypatch.setattr(fused, "_platform", lambda: "metal")
+    monkeypatch.setattr(fused, "self_check", failing_check)
+    with pytest.warns(RuntimeWarning, match="forced failure") as record:
+        assert fused.backend() == "reference"
+        assert fused.backend() == "reference"
+        assert fused.use_fused(CodecSpec(bits=3), 128, mx.float16) is None
+    assert calls == ["metal"]  # checked once per process
+    assert len(record) == 1
+
+
+def test_passed_metal_check_is_remembered(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "_platform", lambda: "metal")
+    monkeypatch.setattr(fused, "self_check", lambda lang, **_: calls.append(lang) or (True, "ok"))
+    assert fused.backend() == "metal"
+    assert fused.use_fused(CodecSpec(bits=3), 128, mx.float16) == "metal"
+    assert fused.use_fused(CodecSpec(bits=3), 72, mx.float16) is None  # unsupported dim: reference
+    assert calls == ["metal"]
+
+
+# ---- the self-check's comparison logic ------------------------------------------------------------
+
+def test_self_check_rejects_wrong_codes():
+    def wrong_codes(x, spec):
+        arrays = encode_arrays(x, spec)
+        arrays["codes"] = arrays["codes"] ^ mx.array(1, dtype=mx.uint8)  # flip one bit per byte
+        return arrays
+
+    ok, why = fused.self_check("metal", encode_impl=wrong_codes, decode_impl=_reference_decode)
+    assert not ok and "codes differ" in why
+
+
+def test_self_check_rejects_a_decode_off_by_one_percent():
+    ok, why = fused.self_check("metal", encode_impl=encode_arrays,
+                               decode_impl=lambda *a: _reference_decode(*a) * 1.01)
+    assert not ok and "decoded values differ" in why
+
+
+def test_self_check_rejects_wrong_norms():
+    def wrong_norms(x, spec):
+        arrays = encode_arrays(x, spec)
+        if spec.norm_bits == 16:
+            arrays["norms"] = (arrays["norms"].astype(mx.float32) * 1.01).astype(mx.float16)
+        return arrays
+
+    ok, why = fused.self_check("metal", encode_impl=wrong_norms, decode_impl=_reference_decode)
+    assert not ok and "norms differ" in why
+
+
+def test_self_check_turns_a_compile_error_into_a_failure():
+    def broken(x, spec):
+        raise RuntimeError("program_source:12: error: use of undeclared identifier")
+
+    ok, why = fused.self_check("metal", encode_impl=broken, decode_impl=_reference_decode)
+    assert not ok and "RuntimeError" in why and "undeclared" in why
+
+
+def test_codes_match_accepts_only_boundary_ties():
+    spec = CodecSpec(bits=2)
+    x = mx.random.normal((1, 1, 16, 64), key=mx.random.key(5)).astype(mx.float32)
+    codes = encode_arrays(x, spec)["codes"]
+    assert fused._codes_match(x, spec, codes, codes) == (True, "identical")
+    changed = np.array(codes)
+    changed[0, 0, 3, 0] ^= 0x10
+    ok, why = fused._codes_match(x, spec, codes, mx.array(changed))
+    assert not ok, why
+
+
+# ---- capability --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim, ok", [(64, True), (96, True), (128, True), (256, True), (192, True),
+                                     (512, True), (80, False), (112, False), (72, False), (2048, False)])
+def test_supported_head_dims(dim, ok):
+    assert fused.supports(CodecSpec(bits=3), dim, mx.float16) is ok
+
+
+def test_specs_the_kernels_do_not_know_go_to_the_reference():
+    assert fused.supports(CodecSpec(bits=4, center=True, norm_bits=8), 128, mx.bfloat16)
+    assert not fused.supports(CodecSpec(bits=None), 128, mx.float16)
+    assert not fused.supports(CodecSpec(bits=3), 128, mx.int32)
+    assert not fused.supports(CodecSpec(bits=3), 128, mx.float16, size=2**31)
+    assert not fused.supports(CodecSpec(bits=3, outliers=0.25, outlier_bits=8), 128, mx.float16)
+
+
+def test_arrays_fit_rejects_arrays_a_kernel_would_misread():
+    spec = CodecSpec(bits=3, center=True, norm_bits=8)
+    x = mx.random.normal((2, 3, 10, 64), key=mx.random.key(2)).astype(mx.float16)
+    arrays = encode_arrays(x, spec)
+    assert fused.arrays_fit(arrays, spec, 64)
+    assert not fused.arrays_fit(arrays, spec, 128)
+    assert not fused.arrays_fit({**arrays, "codes": arrays["codes"][..., :-1]}, spec, 64)
+    assert not fused.arrays_fit({**arrays, "norms": arrays["norms"].astype(mx.float16)}, spec, 64)
+    assert not fused.arrays_fit({k: v for k, v in arrays.items() if k != "mean"}, spec, 64)
+    assert not fused.arrays_fit({k: v for k, v in arrays.items() if k != "norm_range"}, spec, 64)
+
+
+# ---- generated source ------------------------------------------------------------------------------
+
+_CUDA_ONLY = ("__shfl", "__ballot", "__device__", "blockIdx", "threadIdx", "sqrtf", "expf")
+_METAL_ONLY = ("simd_", "thread_position_in_grid", "metal::", "threadgroup", "constant float")
+
+
+@pytest.mark.parametrize("dim, bits, center, norm_bits", [(128, 3, False, 16), (96, 4, True, 8),
+                                                          (256, 6, True, 16), (64, 1, False, 8)])
+def test_kernel_sources_share_one_body_and_carry_the_codec_constants(dim, bits, center, norm_bits):
+    cfg = fused.KernelConfig(dim, bits, 5, center, norm_bits)
+    for make in (fused.encode_source, fused.decode_source):
+        cuda_header, cuda_body = make(cfg, "cuda")
+        metal_header, metal_body = make(cfg, "metal")
+        assert not any(w in metal_header + metal_body for w in _CUDA_ONLY)
+        assert not any(w in cuda_header + cuda_body for w in _METAL_ONLY)
+        # one body: the two differ only in the language prologue
+        strip = lambda body: body.split("pv_wlane = ", 1)[1].split("\n", 1)[1]
+        assert strip(cuda_body) == strip(metal_body)
+        tables = dict(re.findall(r"float (pv_\w+)\[\d+\] = \{([^}]*)\}", cuda_header))
+        parse = lambda s: np.array([float(v.rstrip("f")) for v in s.split(",")], dtype=np.float32)
+        centroids, boundaries = codebook(dim, bits)
+        np.testing.assert_array_equal(parse(tables["pv_cent"]), centroids)
+        np.testing.assert_array_equal(parse(tables["pv_thr"]), boundaries)
+        np.testing.assert_array_equal(parse(tables["pv_sign"]), random_signs(dim, 5))
+        assert ("mean[" in cuda_body) is center
+
+
+def test_non_power_of_two_factor_is_the_matrix_mlx_uses():
+    m = fused._hadamard_factor(12)
+    with mx.stream(mx.cpu):
+        direct = np.array(mx.hadamard_transform(mx.eye(96), scale=1.0))
+    h8 = np.array([[1.0]])
+    while h8.shape[0] < 8:
+        h8 = np.block([[h8, h8], [h8, -h8]])
+    np.testing.assert_array_equal(np.kron(m, h8), direct)
+    assert (m @ m.T == 12 * np.eye(12)).all()
