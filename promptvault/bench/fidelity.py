@@ -427,3 +427,17 @@ def vault_check(lm, prompt: dict, setting: str, prefix: int, cache_dir: Path | N
             "vault_vs_harness": compare(from_vault, direct, targets),
             "vault_vs_lossless": compare(from_vault, ref, targets),
             "harness_vs_lossless": compare(direct, ref, targets)}
+
+
+def markdown_table(result: dict) -> str:
+    """The rows as a Markdown table (README / docs)."""
+    head = ("| setting | codec | vs fp16 | KL (nats) | top-1 | ppl | greedy = | common prefix | min cos K | "
+            "mean cos V |\n|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in result["rows"]:
+        lines.append(
+            f"| `{r['setting']}` | {r['codec']}" + (f", block {r['block_size']}" if r.get("block_size") not in (None, 256) else "")
+            + f" | {r['ratio_vs_fp16']:.2f}x | {r['kl']:.4f} | {100 * r['top1']:.1f}% | {r['ppl']:.3f} | "
+            + (f"{100 * r['greedy_same']:.0f}% | {r['greedy_prefix']:.1f}" if "greedy_same" in r else " | ")
+            + f" | {min(r['cos_k']):.4f} | {np.mean(r['cos_v']):.4f} |")
+    return "\n".join(lines)

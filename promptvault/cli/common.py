@@ -3,6 +3,7 @@
 Options sit on each verb (`promptvault run --model X`), as in mlx-lm, rather than on the group.
 """
 
+import dataclasses
 import functools
 import os
 import re
@@ -94,7 +95,8 @@ def json_option(fn):
 def make_codec(key_bits, value_bits) -> KVCodec | None:
     """The KVCodec for --key-bits/--value-bits, or None to use the vault's default.
 
-    Keys are centered (their channel offsets are stored exactly) whenever they are quantized.
+    A given bit width replaces the default's (keeping its centering, 8-bit norms, outlier split
+    and lossless sink token); keys are centered whenever they are quantized.
     """
     if key_bits is None and value_bits is None:
         return None
@@ -105,9 +107,16 @@ def make_codec(key_bits, value_bits) -> KVCodec | None:
             return default
         if bits == "lossless":
             return LOSSLESS
-        return CodecSpec(bits=bits, center=center)
+        if default.lossless:
+            return CodecSpec(bits=bits, center=center)
+        # Keep the default's other options (centering, 8-bit norms); its outlier split only
+        # while the outlier channels still get more bits than the rest.
+        if default.outliers and bits >= default.outlier_bits:
+            return dataclasses.replace(default, bits=bits, outliers=0.0, outlier_bits=0)
+        return dataclasses.replace(default, bits=bits)
 
-    return KVCodec(keys=spec(key_bits, DEFAULT_CODEC.keys, True), values=spec(value_bits, DEFAULT_CODEC.values, False))
+    keys, values = spec(key_bits, DEFAULT_CODEC.keys, True), spec(value_bits, DEFAULT_CODEC.values, False)
+    return KVCodec(keys=keys, values=values, sinks=0 if keys.lossless and values.lossless else DEFAULT_CODEC.sinks)
 
 
 def open_vault(vault_path, block_size, ram_cap, disk_cap, codec=None):
