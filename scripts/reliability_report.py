@@ -41,6 +41,14 @@ def table(records: list[dict]) -> str:
         for c in COLS:
             total[c] += row[c]
     lines.append("| **total** | " + " | ".join(f"**{total[c]}**" for c in COLS) + " |")
+    extra = defaultdict(lambda: defaultdict(int))
+    for r in records:
+        if not r.get("processes"):
+            for k, v in r.items():
+                if k not in ("kind", *COLS) and isinstance(v, int):
+                    extra[r["kind"]][k] += v
+    for kind, fields in extra.items():
+        lines.append(f"\n{kind}: " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in fields.items()))
     load = [r for r in records if r.get("processes")]
     if load:
         lines.append("")

@@ -86,7 +86,7 @@ def test_random_byte_flips_in_shards(base, tmp_path, request):
         detected += 1
         repaired += _rewarm(base, vault)
         got, reused = vault_run(base["lm"], vault, base["q_toks"])
-        assert got == base["cold"] and reused == len(base["q_toks"]) - 1 or reused >= len(base["doc_toks"]) - BLOCK
+        assert got == base["cold"] and reused >= len(base["doc_toks"]) - BLOCK, reused
         shutil.rmtree(vault)
     assert detected == repaired == n and wrong == lost == 0
     record("byte flip in a shard", injected=n, detected=detected, repaired=repaired, wrong_outputs=wrong,
