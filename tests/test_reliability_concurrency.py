@@ -8,8 +8,6 @@ import json
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, is_long, pv, record,
                                      shard_files, temp_files, text, tokens)
 from promptvault.vault import Vault

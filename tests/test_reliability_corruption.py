@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from test_reliability_common import (BLOCK, CODEC, LOSSLESS, MAX_TOKENS, QUESTION, cold_text, index_rows, is_long, pv,
-                                     record, shard_files, text, tokens, vault_run)
+                                     record, text, tokens, vault_run)
 from promptvault.vault import Vault
 
 

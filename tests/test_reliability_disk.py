@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from test_reliability_common import (BLOCK, EXE, LOSSLESS, QUESTION, cold_text, index_rows, pv, record,
+from test_reliability_common import (BLOCK, LOSSLESS, QUESTION, cold_text, index_rows, pv, record,
                                      shard_files, temp_files, text, tokens, vault_run)
 from promptvault.vault import Vault
 

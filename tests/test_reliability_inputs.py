@@ -3,8 +3,6 @@ on stderr (`error: …`), a non-zero exit, no traceback, and nothing written to 
 
 from __future__ import annotations
 
-import pytest
-
 from test_reliability_common import BLOCK, pv, record, text
 
 
