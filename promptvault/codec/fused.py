@@ -152,10 +152,21 @@ def _tables(cfg: KernelConfig) -> str:
             f"PV_TABLE float pv_sign[{cfg.dim}] = {{{_floats(signs)}}};\n")
 
 
-def _rotation(cfg: KernelConfig, inverse: bool) -> str:
-    """Code applying the rotation (forward or inverse) to u[0..E) of every lane, then 1/√d."""
+def _contiguous(cfg: KernelConfig) -> bool:
+    """Decode layout: for power-of-two d ≤ 128, lane l holds the E ≤ 4 adjacent coordinates
+    i = l·E + j (one byte load per bit-plane); otherwise i = j·L + l. Measured on the H100
+    (docs/speed.md): +10–35% decode GB/s at d = 64 / 128, but −40% at d = 256 (E = 8: a warp's
+    stores spread over 16-byte strides), so d = 256 keeps the strided layout."""
     m, k2, lanes, e = cfg.layout
-    j2 = k2 // lanes  # values of j per Hadamard-factor index a
+    return m == 1 and lanes == 32 and e <= 4
+
+
+def _rotation(cfg: KernelConfig, inverse: bool, contiguous: bool = False) -> str:
+    """Code applying the rotation (forward or inverse) to u[0..E) of every lane, then 1/√d.
+    contiguous: the lane-contiguous layout of `_contiguous` (power-of-two d: the register index j
+    is the low bits of i, the lane the high bits; H_d = H_32 ⊗ H_E)."""
+    m, k2, lanes, e = cfg.layout
+    j2 = e if contiguous else k2 // lanes  # values of j per Hadamard-factor index a
     lines = []
     h = 1
     while h < j2:  # in-register butterflies over the low bits of j
@@ -261,6 +272,32 @@ def decode_source(cfg: KernelConfig, lang: str) -> tuple[str, str]:
     else:
         norm = "const float nrm = (float)norms[sv];"
     mean = "val += (float)mean[(r * S + seg) * PV_D + i];" if cfg.center else ""
+    contiguous = _contiguous(cfg)
+    if contiguous:
+        load = """const unsigned int i0 = lane * PV_E;
+    const unsigned int base = sv * PV_W + (i0 >> 3u);
+    const unsigned int sh = i0 & 7u;
+    unsigned int cc[PV_E];
+    PV_UNROLL for (int j = 0; j < PV_E; ++j) cc[j] = 0u;
+    PV_UNROLL for (int p = 0; p < PV_BITS; ++p) {
+        const unsigned int bb = ((unsigned int)codes[base + (unsigned int)p * PV_NB]) >> sh;
+        PV_UNROLL for (int j = 0; j < PV_E; ++j) cc[j] |= ((bb >> j) & 1u) << p;
+    }
+    float u[PV_E];
+    PV_UNROLL for (int j = 0; j < PV_E; ++j) u[j] = pv_cent[cc[j]];"""
+        index = "lane * PV_E + (unsigned int)j"
+    else:
+        load = """float u[PV_E];
+    PV_UNROLL for (int j = 0; j < PV_E; ++j) {
+        const unsigned int i = (unsigned int)j * PV_L + lane;
+        const unsigned int base = sv * PV_W + (i >> 3u);
+        const unsigned int bit = i & 7u;
+        unsigned int c = 0u;
+        PV_UNROLL for (int p = 0; p < PV_BITS; ++p)
+            c |= (((unsigned int)codes[base + (unsigned int)p * PV_NB] >> bit) & 1u) << p;
+        u[j] = pv_cent[c];
+    }"""
+        index = "(unsigned int)j * PV_L + lane"
     body = (_CUDA_PROLOGUE if lang == "cuda" else _METAL_PROLOGUE) + f"""
     const unsigned int R = (unsigned int)params[0];
     const unsigned int Ts = (unsigned int)params[1];
@@ -275,20 +312,11 @@ def decode_source(cfg: KernelConfig, lang: str) -> tuple[str, str]:
     const int src = rowmap[2u * row];
     const unsigned int seg = (unsigned int)rowmap[2u * row + 1u];
     const unsigned int sv = r * Ts + (unsigned int)(src < 0 ? 0 : src);
-    float u[PV_E];
-    PV_UNROLL for (int j = 0; j < PV_E; ++j) {{
-        const unsigned int i = (unsigned int)j * PV_L + lane;
-        const unsigned int base = sv * PV_W + (i >> 3u);
-        const unsigned int bit = i & 7u;
-        unsigned int c = 0u;
-        PV_UNROLL for (int p = 0; p < PV_BITS; ++p)
-            c |= (((unsigned int)codes[base + (unsigned int)p * PV_NB] >> bit) & 1u) << p;
-        u[j] = pv_cent[c];
-    }}
-    {_rotation(cfg, inverse=True)}
+    {load}
+    {_rotation(cfg, inverse=True, contiguous=contiguous)}
     {norm}
     PV_UNROLL for (int j = 0; j < PV_E; ++j) {{
-        const unsigned int i = (unsigned int)j * PV_L + lane;
+        const unsigned int i = {index};
         float val = (u[j] * pv_sign[i]) * nrm;
         {mean}
         if (active) out[v * PV_D + i] = (OutT)(src < 0 ? 0.0f : val);
