@@ -83,3 +83,11 @@ def test_cli_json_and_plot(smollm, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = CliRunner().invoke(main, ["bench", "fidelity", "--settings", "k9z"])
     assert bad.exit_code != 0 and "--settings" in bad.output
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, tmp_path):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib -> ImportError
+    result = CliRunner().invoke(main, ["bench", "fidelity", "--model", str(tmp_path / "no-such-model"),
+                                       "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 2
+    assert "promptvault[bench]" in result.output and "no-such-model" not in result.output

@@ -88,6 +88,11 @@ def fidelity_cmd(models, settings, greedy, limit, prefix_tokens, cache_dir, plot
             parse_setting(name)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--settings")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401  (checked before the long run, not after it)
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'promptvault[bench]'")
     greedy_names = names if greedy == "all" else [] if greedy == "none" else [g.strip() for g in greedy.split(",")]
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "promptvault-fidelity"
     results = []
