@@ -250,6 +250,8 @@ def environment() -> dict:
 
 def run_speed_bench(model: str, lengths: list[int], *, seed: int = 0, workdir: str | None = None,
                     block_size: int | None = None) -> dict:
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)  # a new --workdir is made, like a new vault
     lm = load_lm(model)
     tmp = Path(tempfile.mkdtemp(prefix="pv-speed-", dir=workdir))
     try:
