@@ -361,12 +361,7 @@ class Vault:
         same state a later restore of that prefix continues from. The prompt's tail shorter than
         a block is stored as a leaf.
         """
-        self.require_writable("warm a prompt")
-        toks = _tokens(lm, tokens)
-        ns = self.namespace(lm)
-        spans = self._spans(len(toks))
-        keys = _chain_keys(ns, toks, spans)
-        have = self.index.existing(keys)
+        toks, ns, spans, keys, have = self._store_plan(lm, tokens, "warm a prompt")
         done = 0  # leading chunks already stored (full blocks: restorable as a start)
         while done < len(keys) and keys[done] in have and spans[done][1] - spans[done][0] == self.block_size:
             done += 1
@@ -404,18 +399,23 @@ class Vault:
         Only layers that still hold every block's rows can be saved after the fact (KVCache);
         a ring that dropped rows, or recurrent state that moved on, raises: warm those instead.
         """
-        self.require_writable("store a cache")
-        toks = _tokens(lm, tokens)
-        ns = self.namespace(lm)
-        spans = self._spans(len(toks))
-        keys = _chain_keys(ns, toks, spans)
-        have = self.index.existing(keys)
+        toks, ns, spans, keys, have = self._store_plan(lm, tokens, "store a cache")
         res = StoreResult(ns.id, len(toks), len(keys), 0, 0, 0, 0.0, 0.0, 0.0, 0)
         for i, (start, end) in enumerate(spans):
             if keys[i] not in have:
                 self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res)
         res.evicted = len(self.disk.enforce(self.index, self.ram.discard))
         return res
+
+    def _store_plan(self, lm, tokens, action: str):
+        """What warm and save both start from: the tokens, their namespace, block spans, chained
+        keys and the keys already stored (after checking the vault can be written at all)."""
+        self.require_writable(action)
+        toks = _tokens(lm, tokens)
+        ns = self.namespace(lm)
+        spans = self._spans(len(toks))
+        keys = _chain_keys(ns, toks, spans)
+        return toks, ns, spans, keys, self.index.existing(keys)
 
     def _spans(self, n: int) -> list[tuple[int, int]]:
         if n < 1:
