@@ -154,7 +154,51 @@ def test_specs_the_kernels_do_not_know_go_to_the_reference():
     assert not fused.supports(CodecSpec(bits=None), 128, mx.float16)
     assert not fused.supports(CodecSpec(bits=3), 128, mx.int32)
     assert not fused.supports(CodecSpec(bits=3), 128, mx.float16, size=2**31)
-    assert not fused.supports(CodecSpec(bits=3, outliers=0.25, outlier_bits=8), 128, mx.float16)
+    assert not fused.supports(CodecSpec(bits=3), 72, mx.float16)
+
+
+@pytest.mark.parametrize("dim, ok", [(128, True), (256, True), (64, False), (96, False), (512, False)])
+def test_outlier_split_is_supported_where_both_parts_have_a_layout(dim, ok):
+    """128 → 32 + 96 channels, 256 → 64 + 192; 64 → 16 + 48 and 96 → 24 + 72 have no kernel
+    layout; above 256 the stored channel indices are uint16 (the kernels read uint8)."""
+    spec = CodecSpec(bits=4, center=True, norm_bits=8, outliers=0.25, outlier_bits=6)
+    assert fused.supports(spec, dim, mx.float16) is ok
+
+
+def test_outlier_split_plan_matches_the_stored_layout():
+    spec = CodecSpec(bits=4, center=True, norm_bits=8, outliers=0.25, outlier_bits=6)
+    plan = fused.decode_plan(spec, 128)
+    hi, lo = plan.parts
+    assert (hi.cfg.dim, hi.cfg.bits, hi.code_offset, hi.norm_index, hi.chan_offset) == (32, 6, 0, 0, 0)
+    assert (lo.cfg.dim, lo.cfg.bits, lo.code_offset, lo.norm_index, lo.chan_offset) == (96, 4, 24, 1, 32)
+    assert plan.width == 72 and plan.n_norms == 2 and plan.permuted and fused.uses_plan_kernel(spec)
+    assert not fused.uses_plan_kernel(CodecSpec(bits=4, center=True, norm_bits=8))
+    x = mx.random.normal((1, 2, 12, 128), key=mx.random.key(3)).astype(mx.float16)
+    arrays = encode_arrays(x, spec)
+    assert arrays["codes"].shape[-1] == plan.width and arrays["norms"].shape[-1] == plan.n_norms
+    assert fused.arrays_fit(arrays, spec, 128)
+    assert not fused.arrays_fit({**arrays, "channels": arrays["channels"][..., :-1]}, spec, 128)
+    assert not fused.arrays_fit({**arrays, "channels": arrays["channels"].astype(mx.uint16)}, spec, 128)
+    assert not fused.arrays_fit({k: v for k, v in arrays.items() if k != "channels"}, spec, 128)
+    assert not fused.arrays_fit({**arrays, "norm_range": arrays["norm_range"][..., :2]}, spec, 128)
+
+
+def test_cpu_never_checks_or_runs_a_kernel_for_the_split(monkeypatch):
+    monkeypatch.setattr(fused, "config_check", lambda *a, **k: pytest.fail("no check on the CPU"))
+    spec = CodecSpec(bits=4, center=True, norm_bits=8, outliers=0.25, outlier_bits=6)
+    assert fused.use_fused(spec, 128, mx.float16) is None
+
+
+def test_the_split_is_checked_once_per_config_before_first_use(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fused, "backend", lambda: "cuda")
+    monkeypatch.setattr(fused, "config_check", lambda lang, spec, dim, dtype: calls.append((dim, dtype)) or (True, "ok"))
+    spec = CodecSpec(bits=4, center=True, norm_bits=8, outliers=0.25, outlier_bits=6)
+    for _ in range(3):
+        assert fused.use_fused(spec, 128, mx.float16) == "cuda"
+    assert fused.use_fused(spec, 256, mx.bfloat16) == "cuda"
+    assert fused.use_fused(CodecSpec(bits=3), 128, mx.float16) == "cuda"  # plain: the H100-checked kernel, no check
+    assert calls == [(128, mx.float16), (256, mx.bfloat16)]
 
 
 def test_arrays_fit_rejects_arrays_a_kernel_would_misread():
@@ -194,6 +238,29 @@ def test_kernel_sources_share_one_body_and_carry_the_codec_constants(dim, bits, 
         np.testing.assert_array_equal(parse(tables["pv_thr"]), boundaries)
         np.testing.assert_array_equal(parse(tables["pv_sign"]), random_signs(dim, 5))
         assert ("mean[" in cuda_body) is center
+
+
+@pytest.mark.parametrize("dim, spec", [
+    (128, CodecSpec(bits=4, center=True, norm_bits=8, outliers=0.25, outlier_bits=6)),
+    (256, CodecSpec(bits=2, outliers=0.25, outlier_bits=4)),
+    (128, CodecSpec(bits=3, center=True, norm_bits=8)),
+])
+def test_plan_kernel_source_shares_one_body_and_carries_each_parts_constants(dim, spec):
+    plan = fused.decode_plan(spec, dim, unroll=2)
+    cuda_header, cuda_body = fused.plan_decode_source(plan, "cuda")
+    metal_header, metal_body = fused.plan_decode_source(plan, "metal")
+    assert not any(w in metal_header + metal_body for w in _CUDA_ONLY)
+    assert not any(w in cuda_header + cuda_body for w in _METAL_ONLY)
+    strip = lambda body: body.split("pv_wlane = ", 1)[1].split("\n", 1)[1]
+    assert strip(cuda_body) == strip(metal_body)
+    tables = dict(re.findall(r"float (pv_\w+)\[\d+\] = \{([^}]*)\}", cuda_header))
+    parse = lambda s: np.array([float(v.rstrip("f")) for v in s.split(",")], dtype=np.float32)
+    for p, part in enumerate(plan.parts):
+        np.testing.assert_array_equal(parse(tables[f"pv_cent{p}"]), codebook(part.cfg.dim, part.cfg.bits)[0])
+        np.testing.assert_array_equal(parse(tables[f"pv_sign{p}"]), random_signs(part.cfg.dim, spec.seed))
+    assert ("perm[" in cuda_body) is bool(spec.outliers)
+    if spec.outliers:  # a stored channel index never takes a write out of the row
+        assert "c0 < PV_D ? c0 : PV_D - 1u" in cuda_body
 
 
 def test_non_power_of_two_factor_is_the_matrix_mlx_uses():

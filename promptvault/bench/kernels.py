@@ -4,12 +4,15 @@ the measured copy bandwidth.
     python -m promptvault.bench.kernels --check --bench --restore --out DIR
 
 --check   per bits 1–4, head dim 64/96/128/256, dtype float16/bfloat16, plain and centered with
-          8-bit norms: codes byte-identical to the reference (any difference must be a rounding
+          8-bit norms, and outlier splits (share 0.25; K4/6, K3/6, K2/4 bits; centered with 8-bit
+          norms in both dtypes, plain in float16) where the kernels take them: codes byte-identical to the reference (any difference must be a rounding
           tie on a codebook boundary, counted), float16 norms, decoded values within float16
           rounding (max difference in units of the output dtype's ulp).
 --bench   GB/s (bytes read + bytes written, once each) of reference and fused encode / decode at
           2/3/4 bits and d = 64/128/256 on 2^27 float16 elements, and of a plain copy (x + 0).
 --restore restore_cache of a random KVCache / RotatingKVCache with the fused path vs the reference.
+--sweep   decode GB/s and max ulps of the checked plain kernel and of the plan kernel under its
+          tuning knobs (warps, unroll, contiguous layout): what PROMPTVAULT_DECODE_V2 would ship.
 """
 
 from __future__ import annotations
@@ -56,48 +59,79 @@ def _ulps(have, want, dtype) -> float:
     return float(mx.max(mx.abs(h - w) / ulp).item())
 
 
-def check(dims=(64, 96, 128, 256), bits_list=(1, 2, 3, 4), dtypes=(mx.float16, mx.bfloat16)) -> list[dict]:
-    """Every case against the reference (see the module docstring)."""
-    lang = _lang()
-    rows = []
-    seed = 0
+_OUTLIER_CASES = ((4, 6), (3, 6), (2, 4))  # (bits, outlier_bits) with an outlier split, d = 128 / 256
+
+
+def _cases(dims, bits_list, dtypes):
+    """(dim, dtype, spec) of every --check case: plain with float16 norms and centered with
+    8-bit norms per bits / dim / dtype, then outlier splits (share 0.25, centered, 8-bit norms:
+    the shape of the default key codec) where the kernels take the split (d = 128, 256)."""
     for dim in dims:
         for bits in bits_list:
             for dtype in dtypes:
                 for center, norm_bits in ((False, 16), (True, 8)):
-                    seed += 1
-                    spec = CodecSpec(bits=bits, seed=3, center=center, norm_bits=norm_bits)
-                    x = _data((4, 8, 1024, dim), dtype, seed)
-                    ref = encode_arrays(x, spec)
-                    got = fused.encode_arrays_with(lang, x, spec)
-                    mx.eval(ref, got)
-                    rc, gc = np.array(ref["codes"]), np.array(got["codes"])
-                    ok, why = fused._codes_match(x, spec, ref["codes"], got["codes"])
-                    same = (rc == gc).all(axis=-1).reshape(-1)  # vectors whose codes all match
-                    if norm_bits == 16:  # positive float16: bit patterns order like values
-                        rn = np.array(ref["norms"]).view(np.uint16).astype(np.int64)
-                        gn = np.array(got["norms"]).view(np.uint16).astype(np.int64)
-                    else:
-                        rn, gn = np.array(ref["norms"]).astype(np.int64), np.array(got["norms"]).astype(np.int64)
-                    n = x.shape[-2]
-                    want = decode_arrays(ref, spec, dim, dtype)
-                    have = fused.decode_rows_with(lang, [ref], spec, dim, dtype, fused.identity_map(n), n)
-                    own = fused.decode_rows_with(lang, [got], spec, dim, dtype, fused.identity_map(n), n)
-                    xf = x.astype(mx.float32)
-                    err_ref = float((mx.sum((want.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
-                    err_fused = float((mx.sum((own.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
-                    row = {"dim": dim, "bits": bits, "dtype": str(dtype).split(".")[-1], "center": center,
-                           "norm_bits": norm_bits, "vectors": int(np.prod(x.shape[:-1])),
-                           "code_bytes_differing": int((rc != gc).sum()), "code_bytes": int(rc.size),
-                           "codes_ok": ok, "codes_note": why,
-                           "norms_differing": int((rn != gn).sum()), "norms_max_steps": int(np.abs(rn - gn).reshape(-1)[same].max()),
-                           "vectors_with_a_tie": int((~same).sum()),
-                           "decode_max_ulps": _ulps(have, want, dtype),
-                           "rel_mse_reference": err_ref, "rel_mse_fused_roundtrip": err_fused}
-                    row["pass"] = bool(ok and row["decode_max_ulps"] <= 1.0 and row["norms_max_steps"] <= 1)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
+                    yield dim, dtype, CodecSpec(bits=bits, seed=3, center=center, norm_bits=norm_bits)
+    for dim in dims:
+        for bits, ob in _OUTLIER_CASES:
+            spec = CodecSpec(bits=bits, seed=3, center=True, norm_bits=8, outliers=0.25, outlier_bits=ob)
+            if fused.supports(spec, dim, mx.float16):
+                for dtype in dtypes:
+                    yield dim, dtype, spec
+                yield dim, mx.float16, CodecSpec(bits=bits, seed=3, outliers=0.25, outlier_bits=ob)
+
+
+def check(dims=(64, 96, 128, 256), bits_list=(1, 2, 3, 4), dtypes=(mx.float16, mx.bfloat16)) -> list[dict]:
+    """Every case against the reference (see the module docstring)."""
+    lang = _lang()
+    rows = []
+    for seed, (dim, dtype, spec) in enumerate(_cases(dims, bits_list, dtypes), start=1):
+        try:
+            row = _check_case(lang, dim, dtype, spec, seed)
+        except Exception as err:  # a failing case is reported, the other cases still run
+            row = {"dim": dim, "spec": str(spec), "dtype": str(dtype).split(".")[-1], "pass": False,
+                   "error": f"{type(err).__name__}: {err}"[:2000]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
+
+
+_CHECK_SHAPE = (4, 8, 1024)  # batch, heads, tokens of each --check case
+
+
+def _check_case(lang, dim, dtype, spec, seed) -> dict:
+    x = _data((*_CHECK_SHAPE, dim), dtype, seed)
+    ref = encode_arrays(x, spec)
+    got = fused.encode_arrays_with(lang, x, spec)
+    mx.eval(ref, got)
+    if set(got) != set(ref):
+        raise ValueError(f"encode arrays {sorted(got)} != {sorted(ref)}")
+    rc, gc = np.array(ref["codes"]), np.array(got["codes"])
+    ok, why = fused._codes_match(x, spec, ref["codes"], got["codes"], ref.get("channels"), got.get("channels"))
+    same = (rc == gc).all(axis=-1).reshape(-1)  # vectors whose codes all match
+    if spec.norm_bits == 16:  # positive float16: bit patterns order like values
+        rn = np.array(ref["norms"]).view(np.uint16).astype(np.int64)
+        gn = np.array(got["norms"]).view(np.uint16).astype(np.int64)
+    else:
+        rn, gn = np.array(ref["norms"]).astype(np.int64), np.array(got["norms"]).astype(np.int64)
+    steps = np.abs(rn - gn).reshape(same.size, -1)[same]
+    n = x.shape[-2]
+    want = decode_arrays(ref, spec, dim, dtype)
+    have = fused.decode_rows_with(lang, [ref], spec, dim, dtype, fused.identity_map(n), n)
+    own = fused.decode_rows_with(lang, [got], spec, dim, dtype, fused.identity_map(n), n)
+    xf = x.astype(mx.float32)
+    err_ref = float((mx.sum((want.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
+    err_fused = float((mx.sum((own.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
+    row = {"dim": dim, "bits": spec.bits, "spec": str(spec), "dtype": str(dtype).split(".")[-1],
+           "center": spec.center, "norm_bits": spec.norm_bits, "outliers": spec.outliers,
+           "outlier_bits": spec.outlier_bits, "vectors": int(np.prod(x.shape[:-1])),
+           "code_bytes_differing": int((rc != gc).sum()), "code_bytes": int(rc.size),
+           "codes_ok": ok, "codes_note": why,
+           "norms_differing": int((rn != gn).sum()), "norms_max_steps": int(steps.max()) if steps.size else 0,
+           "vectors_with_a_tie": int((~same).sum()),
+           "decode_max_ulps": _ulps(have, want, dtype),
+           "rel_mse_reference": err_ref, "rel_mse_fused_roundtrip": err_fused}
+    row["pass"] = bool(ok and row["decode_max_ulps"] <= 1.0 and row["norms_max_steps"] <= 1)
+    return row
 
 
 def _time(fn, reps=7) -> float:
@@ -120,30 +154,40 @@ def _nbytes(arrays) -> int:
     return sum(a.nbytes for a in arrays.values()) if isinstance(arrays, dict) else arrays.nbytes
 
 
+def _default_specs():
+    from promptvault.vault.vault import DEFAULT_CODEC
+
+    return (("K default", DEFAULT_CODEC.keys), ("V default", DEFAULT_CODEC.values))
+
+
 def bench(dims=(64, 128, 256), bits_list=(2, 3, 4), elements=2**27) -> dict:
+    """GB/s of reference and fused encode / decode: the plain codec at `bits_list` x `dims`,
+    then the default codec's key and value specs at d = 128 and 256."""
     lang = _lang()
     x = _data((elements // 1024, 1024), mx.float16, 99)
     copy_s = _time(lambda: x + 0)
     copy = 2 * x.nbytes / copy_s / 1e9
     rows = []
-    for dim in dims:
+    cases = [(dim, f"tq{bits}", CodecSpec(bits=bits)) for dim in dims for bits in bits_list]
+    cases += [(dim, name, spec) for dim in (128, 256) for name, spec in _default_specs()]
+    for dim, name, spec in cases:
         x = _data((32, 8, elements // (256 * dim), dim), mx.float16, dim)
         n = x.shape[-2]
-        for bits in bits_list:
-            spec = CodecSpec(bits=bits)
-            ref = encode_arrays(x, spec)
-            mx.eval(ref)
-            coded = _nbytes(ref)
-            row = {"dim": dim, "bits": bits, "tensor_MB": x.nbytes / 1e6, "coded_MB": coded / 1e6}
-            t = _time(lambda: encode_arrays(x, spec))
-            row["encode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
+        ref = encode_arrays(x, spec)
+        mx.eval(ref)
+        coded = _nbytes(ref)
+        row = {"dim": dim, "bits": spec.bits, "codec": name, "spec": str(spec),
+               "fused": fused.supports(spec, dim, mx.float16), "tensor_MB": x.nbytes / 1e6, "coded_MB": coded / 1e6}
+        t = _time(lambda: encode_arrays(x, spec))
+        row["encode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
+        t = _time(lambda: decode_arrays(ref, spec, dim, mx.float16))
+        row["decode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
+        if row["fused"]:
             t0 = time.perf_counter()
             mx.eval(fused.encode_arrays_with(lang, x, spec))
             row["encode_fused_first_call_s"] = time.perf_counter() - t0
             t = _time(lambda: fused.encode_arrays_with(lang, x, spec))
             row["encode_fused_GBs"] = (x.nbytes + coded) / t / 1e9
-            t = _time(lambda: decode_arrays(ref, spec, dim, mx.float16))
-            row["decode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
             idm = fused.identity_map(n)
             t0 = time.perf_counter()
             mx.eval(fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
@@ -151,10 +195,62 @@ def bench(dims=(64, 128, 256), bits_list=(2, 3, 4), elements=2**27) -> dict:
             t = _time(lambda: fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
             row["decode_fused_GBs"] = (x.nbytes + coded) / t / 1e9
             row["decode_fused_vs_copy"] = row["decode_fused_GBs"] / copy
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        del x
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del x, ref
     return {"copy_GBs": copy, "rows": rows}
+
+
+SWEEP_SETTINGS = [(None, None, None)] + [(w, u, e) for w in (8192, 65536) for u in (1, 2) for e in (4, 8)]
+
+
+def _sweep_specs():
+    return ((128, CodecSpec(bits=3)), (256, CodecSpec(bits=3)), (128, CodecSpec(bits=4, center=True, norm_bits=8)),
+            (128, _default_specs()[0][1]), (128, _default_specs()[1][1]))
+
+
+def sweep(elements=2**27, settings=None, specs=None) -> list[dict]:
+    """Fused decode GB/s and max ulps vs the reference: the H100-checked plain kernel ("v1") and
+    the plan kernel under its tuning knobs (warps launched, items per iteration, contiguous
+    layout up to E coordinates per lane), for choosing what plain specs should run."""
+    lang = _lang()
+    rows = []
+    settings = SWEEP_SETTINGS if settings is None else settings
+    saved = (fused._DECODE_V2, fused._DECODE_WARPS, fused._DECODE_UNROLL, fused._CONTIGUOUS_MAX_E)
+    try:
+        for dim, spec in (_sweep_specs() if specs is None else specs):
+            x = _data((32, 8, elements // (256 * dim), dim), mx.float16, dim)
+            n = x.shape[-2]
+            ref = encode_arrays(x, spec)
+            want = decode_arrays(ref, spec, dim, mx.float16)
+            mx.eval(ref, want)
+            nbytes = x.nbytes + _nbytes(ref)
+            idm = fused.identity_map(n)
+            for w, u, e in settings:
+                if w is None:
+                    if spec.outliers:
+                        continue  # no plain kernel for the split
+                    fused._DECODE_V2 = False
+                else:
+                    fused._DECODE_V2, fused._DECODE_WARPS, fused._DECODE_UNROLL, fused._CONTIGUOUS_MAX_E = True, w, u, e
+                fused._plan_kernel.cache_clear()
+                row = {"dim": dim, "spec": str(spec), "kernel": "v1" if w is None else "plan",
+                       "warps": w, "unroll": u, "contiguous_max_e": e}
+                try:
+                    have = fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n)
+                    row["max_ulps"] = _ulps(have, want, mx.float16)
+                    del have
+                    t = _time(lambda: fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
+                    row["decode_fused_GBs"] = nbytes / t / 1e9
+                except Exception as err:
+                    row["error"] = f"{type(err).__name__}: {err}"[:2000]
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del x, ref, want
+    finally:
+        fused._DECODE_V2, fused._DECODE_WARPS, fused._DECODE_UNROLL, fused._CONTIGUOUS_MAX_E = saved
+        fused._plan_kernel.cache_clear()
+    return rows
 
 
 def restore_check() -> list[dict]:
@@ -166,8 +262,11 @@ def restore_check() -> list[dict]:
 
     results = []
     for name, make, n in (("KVCache", KVCache, 1000), ("RotatingKVCache", lambda: RotatingKVCache(512, keep=4), 1000)):
+        from promptvault.vault.vault import DEFAULT_CODEC
+
         for codec in (KVCodec(CodecSpec(bits=4, center=True), CodecSpec(bits=3)),
-                      KVCodec(CodecSpec(bits=2, norm_bits=8), CodecSpec(bits=4, center=True, norm_bits=8))):
+                      KVCodec(CodecSpec(bits=2, norm_bits=8), CodecSpec(bits=4, center=True, norm_bits=8)),
+                      DEFAULT_CODEC):
             cache = [make() for _ in range(2)]
             payloads = []
             for start in range(0, n, 256):
@@ -199,10 +298,14 @@ def restore_check() -> list[dict]:
 
 def format_bench(result: dict) -> str:
     lines = [f"copy (x + 0, float16, 256 MiB): {result['copy_GBs']:,.0f} GB/s",
-             "| bits | d | encode ref GB/s | encode fused GB/s | decode ref GB/s | decode fused GB/s | fused decode / copy |",
+             "| codec | d | encode ref GB/s | encode fused GB/s | decode ref GB/s | decode fused GB/s | fused decode / copy |",
              "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['bits']} | {r['dim']} | {r['encode_ref_GBs']:,.0f} | {r['encode_fused_GBs']:,.0f} | "
+        if not r.get("fused", True):
+            lines.append(f"| {r.get('codec', r['bits'])} | {r['dim']} | {r['encode_ref_GBs']:,.0f} | (reference) | "
+                         f"{r['decode_ref_GBs']:,.0f} | (reference) | |")
+            continue
+        lines.append(f"| {r.get('codec', r['bits'])} | {r['dim']} | {r['encode_ref_GBs']:,.0f} | {r['encode_fused_GBs']:,.0f} | "
                      f"{r['decode_ref_GBs']:,.0f} | {r['decode_fused_GBs']:,.0f} | {100 * r['decode_fused_vs_copy']:.0f}% |")
     return "\n".join(lines)
 
@@ -212,19 +315,24 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--restore", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="decode GB/s under the kernel's tuning knobs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--dims", default="64,96,128,256", help="head dims for --check")
     ap.add_argument("--bits", default="1,2,3,4", help="bit widths for --check")
+    ap.add_argument("--dtypes", default="float16,bfloat16", help="dtypes for --check")
     args = ap.parse_args(argv)
     result = {"device": str(mx.default_device()), "backend": fused.backend(), "mlx": mx.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     failed = False
+    if args.sweep:
+        result["sweep"] = sweep()
     if args.bench:
         result["bench"] = bench()
         print(format_bench(result["bench"]))
     if args.check:
         result["check"] = check(dims=[int(d) for d in args.dims.split(",")],
-                                bits_list=[int(b) for b in args.bits.split(",")])
+                                bits_list=[int(b) for b in args.bits.split(",")],
+                                dtypes=[getattr(mx, t) for t in args.dtypes.split(",")])
         failed |= not all(r["pass"] for r in result["check"])
     if args.restore:
         result["restore"] = restore_check()

@@ -100,6 +100,14 @@ def _gather(values: mx.array, channels: mx.array) -> mx.array:
     return mx.take_along_axis(values, index, axis=-1)
 
 
+def outlier_channels(values: mx.array, spec: CodecSpec) -> mx.array:
+    """(..., 1, k) int32, ascending: the k channels of each head with the most energy over the
+    tokens of `values` (float32, centered when the spec centers)."""
+    k = spec.outlier_channels(values.shape[-1])
+    energy = mx.mean(values * values, axis=-2, keepdims=True)
+    return mx.sort(mx.argsort(-energy, axis=-1)[..., :k], axis=-1).astype(mx.int32)
+
+
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     """Coded arrays of x (..., T, d); see the module docstring for what they hold."""
     dim = x.shape[-1]
@@ -117,9 +125,7 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     if spec.outliers:
         # Outlier split: the highest-energy channels of each head get their own rotation, norm
         # and finer codebook; channel indices ascending, stored once per head.
-        k = spec.outlier_channels(dim)
-        energy = mx.mean(values * values, axis=-2, keepdims=True)
-        hi = mx.sort(mx.argsort(-energy, axis=-1)[..., :k], axis=-1).astype(mx.int32)
+        hi = outlier_channels(values, spec)
         lo = _other_channels(hi, dim)
         arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)
         codes_hi, norms_hi = _code(_gather(values, hi), spec.outlier_bits, spec.seed)

@@ -140,25 +140,40 @@ def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
             encs.append(pair)
     out = []
     for part in (0, 1):
-        first = encs[0][part]
+        # Lossless segments (the attention-sink rows of KVCodec.sinks) are copied in after the
+        # launch; every coded segment goes through the one kernel launch.
+        coded = [j for j, pair in enumerate(encs) if not pair[part].spec.lossless]
+        if not coded:
+            return None
+        first = encs[coded[0]][part]
         spec, dim, dtype, lead = first.spec, first.shape[-1], first.dtype, first.shape[:-2]
         lang = fused.use_fused(spec, dim, dtype, int(np.prod(lead)) * n_rows * dim)
         if lang is None:
             return None
         for pair in encs:
             e = pair[part]
-            if (e.spec != spec or e.dtype != dtype or e.shape[-1] != dim or e.shape[:-2] != lead
-                    or not fused.arrays_fit(e.arrays, spec, dim)):
+            if e.dtype != dtype or e.shape[-1] != dim or e.shape[:-2] != lead:
                 return None
-        base = np.cumsum([0] + [pair[part].tokens for pair in encs])
+            if not e.spec.lossless and (e.spec != spec or not fused.arrays_fit(e.arrays, spec, dim)):
+                return None
+        position = {j: n for n, j in enumerate(coded)}
+        base = np.cumsum([0] + [encs[j][part].tokens for j in coded])
         rowmap = np.zeros((n_rows, 2), dtype=np.int32)
         rowmap[:, 0] = -1
+        copies = []
         for seg, arrays, prefix, i0, i1, row in plan:
             j = uniq[(id(arrays), prefix)]
-            rowmap[row : row + i1 - i0, 0] = np.arange(base[j] + i0, base[j] + i1)
-            rowmap[row : row + i1 - i0, 1] = j
-        out.append(fused.decode_rows_with(lang, [pair[part].arrays for pair in encs], spec, dim, dtype,
-                                          rowmap, n_rows))
+            if j in position:
+                n = position[j]
+                rowmap[row : row + i1 - i0, 0] = np.arange(base[n] + i0, base[n] + i1)
+                rowmap[row : row + i1 - i0, 1] = n
+            else:
+                copies.append((encs[j][part], i0, i1, row))
+        buf = fused.decode_rows_with(lang, [encs[j][part].arrays for j in coded], spec, dim, dtype,
+                                     rowmap, n_rows)
+        for e, i0, i1, row in copies:
+            buf[..., row : row + i1 - i0, :] = decode(e.slice_tokens(i0, i1))
+        out.append(buf)
     mx.eval(out)
     return tuple(out)
 
