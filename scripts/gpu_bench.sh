@@ -1,5 +1,5 @@
 #!/bin/bash
-# The H100 run of docs/speed.md (device tool): kernels check (outlier split included) + GB/s
+# The H100 run of README.md (Speed) (device tool): kernels check (outlier split included) + GB/s
 # table (plain codec and the default codec's K / V specs), restore check, the decode-kernel
 # sweep (checked plain kernel vs the plan kernel's variants), 8B-shaped speed bench with the
 # fused kernels and with the reference (8K). Expects MLX-CUDA unpacked in /tmp/site and writes

@@ -1,7 +1,7 @@
 """Fused GPU kernels (promptvault.codec.fused): what can run without a GPU.
 
 The kernels themselves are checked on an NVIDIA GPU against the reference
-(`python -m promptvault.bench.kernels --check`, results in docs/speed.md). Here: the selection
+(`python -m promptvault.bench.kernels --check`, results in README.md (Speed)). Here: the selection
 rule (CUDA as is, Metal only after its self-check, one warning on failure, CPU → reference),
 the self-check's comparison logic fed with right and wrong implementations, the capability
 check, the generated kernel source of both languages, and the CPU path staying the reference.

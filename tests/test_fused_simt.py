@@ -2,7 +2,7 @@
 the pure-MLX reference: the plan kernel of the outlier split (the default key codec), the encode
 of the split, restore with lossless sink rows, the per-config check before first use.
 
-The plain kernels were checked on an H100 (docs/speed.md); running them here too checks the
+The plain kernels were checked on an H100 (README.md (Speed)); running them here too checks the
 harness itself. The plan kernel has not run on a GPU yet: these tests are its evidence so far.
 """
 

@@ -17,7 +17,7 @@ itself) factors into an in-register transform over j and log2(L) butterfly stage
 
 Selection (`backend()`), once per process:
   - MLX's CUDA backend with the GPU as default device → the CUDA kernels (checked against the
-    reference on an H100: docs/speed.md);
+    reference on an H100: README.md (Speed));
   - Metal → the kernels are compiled and compared with the reference on a small random batch
     first (`metal_self_check`); on failure one warning, then the reference for the process;
   - anything else (CPU) → the pure-MLX reference (promptvault.codec.turboquant).
@@ -272,7 +272,7 @@ def encode_source(cfg: KernelConfig, lang: str) -> tuple[str, str]:
 # channels of an outlier split), written straight into the destination rows.
 
 # The plan kernel (below) decodes the outlier split; its loop over items per warp, vector stores
-# and word loads are also the candidate fix for the decode bandwidth (docs/speed.md), which is
+# and word loads are also the candidate fix for the decode bandwidth (README.md (Speed)), which is
 # NOT yet measured on a GPU: plain specs keep the H100-checked kernel (`decode_source`) unless
 # PROMPTVAULT_DECODE_V2=1. Knobs (for `python -m promptvault.bench.kernels --sweep`): warps
 # launched at most (each loops over its items), items per loop iteration (all their loads
@@ -330,7 +330,7 @@ def decode_plan(spec: CodecSpec, dim: int, unroll: int | None = None) -> DecodeP
 def _contiguous_v2(cfg: KernelConfig) -> bool:
     """Plan-kernel layout: for power-of-two d with E = d/32 ≤ 8, lane l holds the E adjacent
     coordinates i = l·E + j (one byte load per bit-plane, one vector store of E values);
-    otherwise i = j·L + l (strided). docs/speed.md has the H100 measurements of both."""
+    otherwise i = j·L + l (strided). README.md (Speed) has the H100 measurements of both."""
     m, k2, lanes, e = cfg.layout
     return m == 1 and lanes == 32 and e <= _CONTIGUOUS_MAX_E
 
@@ -494,7 +494,7 @@ def plan_decode_source(plan: DecodePlan, lang: str) -> tuple[str, str]:
 def _contiguous(cfg: KernelConfig) -> bool:
     """Decode layout: for power-of-two d ≤ 128, lane l holds the E ≤ 4 adjacent coordinates
     i = l·E + j (one byte load per bit-plane); otherwise i = j·L + l. Measured on the H100
-    (docs/speed.md): +10–35% decode GB/s at d = 64 / 128, but −40% at d = 256 (E = 8: a warp's
+    (README.md (Speed)): +10–35% decode GB/s at d = 64 / 128, but −40% at d = 256 (E = 8: a warp's
     stores spread over 16-byte strides), so d = 256 keeps the strided layout."""
     m, k2, lanes, e = cfg.layout
     return m == 1 and lanes == 32 and e <= 4
