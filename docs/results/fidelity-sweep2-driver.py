@@ -1,7 +1,7 @@
 """Issue 9 sweep 2 driver: run_fidelity on an explicit prompt subset, checkpointing JSON.
 
 usage: run.py MODEL SUBSET OUT.json SETTING[,SETTING...]
-SUBSET: 'full' = the 20-prompt protocol of docs/fidelity.md (all 23 minus prose-gpl-3-2,
+SUBSET: 'full' = the 20-prompt protocol of README.md (Fidelity results) (all 23 minus prose-gpl-3-2,
 prose-lgpl-2.1-1, code-calendar); 'left' = those 3; 'probe' = prose-gfdl-1.3-0, code-heapq, chat-0.
 """
 
