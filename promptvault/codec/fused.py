@@ -40,7 +40,6 @@ from promptvault.codec.codebook import codebook
 from promptvault.codec.rotation import random_signs, rotation_blocks
 from promptvault.codec.spec import CodecSpec
 
-_FP16_MAX = 65504.0
 _TG = 256  # threads per threadgroup (a multiple of the SIMD width 32)
 _MAX_DIM = 1024
 _MAX_ELEMS = 2**31 - 1
@@ -653,13 +652,9 @@ def encode_arrays_with(lang: str, x: mx.array, spec: CodecSpec) -> dict[str, mx.
     norm_dtype = mx.float16 if spec.norm_bits == 16 else mx.float32
     if spec.outliers:
         dim = x.shape[-1]
-        values = x.astype(mx.float32)
-        if spec.center:
-            mean = mx.mean(values, axis=-2, keepdims=True)
-            fits = x.dtype == mx.float32 and mx.max(mx.abs(mean)).item() <= _FP16_MAX
-            mean = mean.astype(mx.float16 if fits else x.dtype)
+        values, mean = tq.centered(x, spec)
+        if mean is not None:
             arrays["mean"] = mean
-            values = values - mean.astype(mx.float32)
         hi = tq.outlier_channels(values, spec)
         lo = tq._other_channels(hi, dim)
         arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)

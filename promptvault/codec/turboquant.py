@@ -108,20 +108,26 @@ def outlier_channels(values: mx.array, spec: CodecSpec) -> mx.array:
     return mx.sort(mx.argsort(-energy, axis=-1)[..., :k], axis=-1).astype(mx.int32)
 
 
+def centered(x: mx.array, spec: CodecSpec) -> tuple[mx.array, mx.array | None]:
+    """x in float32 minus its stored per-head mean over the tokens, and that mean (None when the
+    spec does not center). The mean is stored in float16 (2 bytes per channel whatever the cache
+    dtype) unless it would overflow; any stored dtype decodes, so shards with float32 means stay
+    readable. The stored (rounded) mean is what is subtracted, so decode adds back exactly what
+    was removed."""
+    values = x.astype(mx.float32)
+    if not spec.center:
+        return values, None
+    mean = mx.mean(values, axis=-2, keepdims=True)
+    fits = x.dtype == mx.float32 and mx.max(mx.abs(mean)).item() <= _FP16_MAX
+    mean = mean.astype(mx.float16 if fits else x.dtype)
+    return values - mean.astype(mx.float32), mean
+
+
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     """Coded arrays of x (..., T, d); see the module docstring for what they hold."""
     dim = x.shape[-1]
-    values = x.astype(mx.float32)
-    arrays = {}
-    if spec.center:
-        mean = mx.mean(values, axis=-2, keepdims=True)
-        # float16 (2 bytes per channel whatever the cache dtype) unless it would overflow; any
-        # stored dtype decodes, so shards with float32 means stay readable.
-        fits = x.dtype == mx.float32 and mx.max(mx.abs(mean)).item() <= _FP16_MAX
-        mean = mean.astype(mx.float16 if fits else x.dtype)
-        arrays["mean"] = mean
-        # Subtract the stored (rounded) mean so decode adds back exactly what was removed.
-        values = values - mean.astype(mx.float32)
+    values, mean = centered(x, spec)
+    arrays = {} if mean is None else {"mean": mean}
     if spec.outliers:
         # Outlier split: the highest-energy channels of each head get their own rotation, norm
         # and finer codebook; channel indices ascending, stored once per head.
