@@ -192,6 +192,29 @@ def test_flipped_byte_is_a_miss_and_quarantined(tmp_path):
         assert vault.verify()["bad"] == []
 
 
+
+@pytest.mark.parametrize("ram_cap", [0, 2**20])
+def test_index_row_with_wrong_tokens_never_serves_its_shard(tmp_path, ram_cap):
+    """Silent damage to an index row's token copy: the restore checks the shard's own tokens,
+    whether the chunk comes through the RAM tier or straight from disk (RAM tier off)."""
+    import sqlite3
+
+    lm = tiny_llama()
+    toks = prompt(20)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, toks)
+        vault.index.checkpoint()
+    other = toks[:16] + [(t + 1) % 128 for t in toks[16:]] + [5]  # differs inside the tail leaf
+    with sqlite3.connect(tmp_path / "index.sqlite") as db:
+        key, blob = db.execute("SELECT key, tokens FROM chunks WHERE position = 16").fetchone()
+        db.execute("UPDATE chunks SET tokens = ? WHERE key = ?",
+                   (np.asarray(other[16:20], dtype="<u4").tobytes(), key))
+    with Vault(tmp_path, codec=LOSSLESS_KV, ram_cap=ram_cap) as vault:
+        r = vault.restore(lm, other)
+        assert r.tokens_reused == 0 and r.quarantined == [key]
+        assert vault.index.chunk(key)["tokens"] == blob  # re-read from its file
+        assert vault.restore(lm, other).tokens_reused == 16  # the intact leading blocks still hit
+
 def _warm_in_child(path, seed):
     lm = tiny_llama()
     with Vault(path, block_size=8, codec=LOSSLESS_KV) as vault:

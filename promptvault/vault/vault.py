@@ -160,8 +160,7 @@ class Vault:
 
     def _set_aside_index(self, error: Exception) -> None:
         """Move a corrupt index (and its WAL / shared memory) to quarantine/ for inspection."""
-        qdir = self.root / "quarantine"
-        qdir.mkdir(mode=0o700, exist_ok=True)
+        qdir = self._quarantine_dir()
         stamp = time.time_ns()
         for suffix in ("", "-wal", "-shm"):
             path = self.root / f"index.sqlite{suffix}"
@@ -244,15 +243,16 @@ class Vault:
         Any shard that fails its checksum is quarantined and the whole restore becomes a miss
         (empty caches), so generation proceeds exactly as if cold.
         """
-        look = self.lookup(lm, _tokens(lm, tokens))
+        toks = _tokens(lm, tokens)
+        look = self.lookup(lm, toks)
         miss = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none",
                              look.seconds, 0.0, 0.0)
         if not look.tokens_reused:
             return miss
         t0 = time.perf_counter()
-        payloads, bad = self._payloads(look.chunks)
+        items, bad = self._load(look.chunks)
         if not bad:
-            bad = self._mismatched(look.chunks, _tokens(lm, tokens), look.tokens_reused)
+            bad = self._mismatched(look.chunks, items, toks, look.tokens_reused)
         read_s = time.perf_counter() - t0
         if bad:
             log.warning("%d stored chunk(s) failed their check and were quarantined; running cold", len(bad))
@@ -260,7 +260,7 @@ class Vault:
             return miss
         t1 = time.perf_counter()
         try:
-            cache = caches.restore_cache(lm.model, payloads, look.tokens_reused)
+            cache = caches.restore_cache(lm.model, [i.payload for i in items], look.tokens_reused)
         except caches.RestoreError as e:
             log.warning("stored chunks cannot be restored (%s); running cold", e)
             miss.read_s = read_s
@@ -275,15 +275,15 @@ class Vault:
         return RestoreResult(cache, look.tokens_total, look.tokens_reused, look.tier, look.seconds,
                              read_s, decode_s)
 
-    def _mismatched(self, rows: list[dict], toks: np.ndarray, reuse: int) -> list[str]:
-        """Keys of chunks whose own tokens (in the shard) differ from the prompt over the reused
-        span. The lookup trusted the index's copy of the tokens; a damaged index must not make a
-        shard serve a prompt it was not computed for. Such a row is re-read from its file."""
+    def _mismatched(self, rows: list[dict], items: list[_Loaded], toks: np.ndarray, reuse: int) -> list[str]:
+        """Keys of chunks whose own tokens (in the shard, carried by `items`) differ from the
+        prompt over the reused span. The lookup trusted the index's copy of the tokens; a damaged
+        index must not make a shard serve a prompt it was not computed for. Such a row is re-read
+        from its file."""
         bad = []
-        for row in rows:
-            item = self.ram.get(row["key"])
+        for row, item in zip(rows, items):
             start, need = row["position"], min(row["n_tokens"], reuse - row["position"])
-            if item is None or need <= 0:
+            if need <= 0:
                 continue
             if len(item.tokens) < need or not np.array_equal(item.tokens[:need], toks[start : start + need]):
                 bad.append(row["key"])
@@ -300,8 +300,10 @@ class Vault:
                         len(bad))
         return bad
 
-    def _payloads(self, rows: list[dict]) -> tuple[list, list[str]]:
-        payloads, bad = [], []
+    def _load(self, rows: list[dict]) -> tuple[list[_Loaded], list[str]]:
+        """The chunks of `rows`, from the RAM tier or read and verified from disk (then kept in
+        RAM), and the keys of those that failed (quarantined)."""
+        loaded, bad = [], []
         for row in rows:
             item = self.ram.get(row["key"])
             if item is None:
@@ -310,8 +312,8 @@ class Vault:
                     bad.append(row["key"])
                     continue
                 self.ram.put(row["key"], item, item.nbytes)
-            payloads.append(item.payload)
-        return payloads, bad
+            loaded.append(item)
+        return loaded, bad
 
     def _read(self, row: dict) -> _Loaded | None:
         """Read and verify one shard; on failure quarantine it, drop its row, return None."""
@@ -335,13 +337,18 @@ class Vault:
         toks = np.asarray(shard.arrays[_TOKENS]).astype(np.int64) if _TOKENS in shard.arrays else np.zeros(0, np.int64)
         return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks)
 
+    def _quarantine_dir(self) -> Path:
+        """quarantine/, where damaged files go for inspection instead of being deleted."""
+        qdir = self.root / "quarantine"
+        qdir.mkdir(mode=0o700, exist_ok=True)
+        return qdir
+
     def _quarantine(self, key: str, path: Path) -> None:
         self.ram.discard(key)
         if self.read_only:  # cannot move it: it stays a miss for this process
             log.warning("corrupt shard %s left in place: the vault is read-only", path)
             return
-        qdir = self.root / "quarantine"
-        qdir.mkdir(mode=0o700, exist_ok=True)
+        qdir = self._quarantine_dir()
         try:
             os.replace(path, qdir / f"{path.stem}.{time.time_ns()}{SUFFIX}")
         except OSError:
@@ -350,7 +357,6 @@ class Vault:
             except OSError:
                 pass
         self.index.delete_chunks([key])
-        self.ram.discard(key)
 
     # writing
 
@@ -369,12 +375,12 @@ class Vault:
         cache, reused = make_prompt_cache(lm.model), 0
         rows = [self.index.chunk(k) for k in keys[:done]]
         if done and None not in rows and not all(k in have for k in keys):
-            payloads, bad = self._payloads(rows)
+            items, bad = self._load(rows)
             if bad:  # quarantined: store those chunks again
                 have = self.index.existing(keys)
             else:
                 reused = spans[done - 1][1]
-                cache = caches.restore_cache(lm.model, payloads, reused)
+                cache = caches.restore_cache(lm.model, [i.payload for i in items], reused)
         res = StoreResult(ns.id, len(toks), len(keys), 0, 0, reused, 0.0, 0.0, 0.0, 0)
         if not all(k in have for k in keys):
             for i, (start, end) in enumerate(spans):
