@@ -50,7 +50,7 @@ def decode(enc: Encoded) -> mx.array:
     if lang and _fused.arrays_fit(enc.arrays, enc.spec, dim):
         return _fused.decode_rows_with(lang, [enc.arrays], enc.spec, dim, enc.dtype,
                                        _fused.identity_map(enc.tokens), enc.tokens)
-    return decode_arrays(enc.arrays, enc.spec, enc.shape[-1], enc.dtype)
+    return decode_arrays(enc.arrays, enc.spec, dim, enc.dtype)
 
 
 def bytes_per_vector(dim: int, spec: CodecSpec, dtype_bytes: int = 2) -> float:
@@ -61,8 +61,10 @@ def bytes_per_vector(dim: int, spec: CodecSpec, dtype_bytes: int = 2) -> float:
     from promptvault.codec.packing import packed_width
     from promptvault.codec.rotation import rotation_blocks
 
+    def coded(n: int, bits: int) -> int:  # n channels: codes + one norm per rotation block
+        return packed_width(n, bits) + spec.norm_bits // 8 * len(rotation_blocks(n))
+
     if spec.outliers:
         k = spec.outlier_channels(dim)
-        return (packed_width(k, spec.outlier_bits) + packed_width(dim - k, spec.bits)
-                + spec.norm_bits // 8 * (len(rotation_blocks(k)) + len(rotation_blocks(dim - k))))
-    return packed_width(dim, spec.bits) + spec.norm_bits // 8 * len(rotation_blocks(dim))
+        return coded(k, spec.outlier_bits) + coded(dim - k, spec.bits)
+    return coded(dim, spec.bits)

@@ -715,15 +715,6 @@ def uses_plan_kernel(spec: CodecSpec) -> bool:
     return bool(spec.outliers) or _DECODE_V2
 
 
-def _perm(channels: mx.array, dim: int) -> mx.array:
-    """(..., 1, dim) int32: the outlier channels, then the others ascending (the order of the
-    concatenated decoded parts)."""
-    from promptvault.codec.turboquant import _other_channels
-
-    hi = channels.astype(mx.int32)
-    return mx.concatenate([hi, _other_channels(hi, dim)], axis=-1)
-
-
 def decode_rows_with(lang: str, parts: list[dict[str, mx.array]], spec: CodecSpec, dim: int,
                      dtype, rowmap: np.ndarray, n_rows: int) -> mx.array:
     """Decode in one launch rows of several coded tensors (same spec, dim, leading shape) into
@@ -754,7 +745,9 @@ def decode_launch(parts: list[dict[str, mx.array]], spec: CodecSpec, dim: int, r
     if spec.center:
         inputs.append(cat("mean"))
     if plan.permuted:
-        inputs.append(_perm(cat("channels"), dim))
+        from promptvault.codec.turboquant import channel_order
+
+        inputs.append(channel_order(cat("channels"), dim))
     inputs.append(mx.array(np.ascontiguousarray(rowmap, dtype=np.int32)))
     out_shape = (*lead, n_rows, dim)
     if not uses_plan_kernel(spec):  # the H100-checked kernel: one vector per lane group
@@ -876,10 +869,7 @@ def _codes_match(x, spec: CodecSpec, ref_codes, got_codes, ref_channels=None, go
     dim = x.shape[-1]
     if ref_codes.shape != got_codes.shape:
         return False, f"codes shape {got_codes.shape} != {ref_codes.shape}"
-    v = x.astype(mx.float32)
-    if spec.center:
-        mdt = mx.float16 if x.dtype == mx.float32 else x.dtype  # the reference's stored mean
-        v = v - mx.mean(v, axis=-2, keepdims=True).astype(mdt).astype(mx.float32)
+    v, _ = tq.centered(x, spec)  # the reference's centered values (its stored mean subtracted)
     if spec.outliers:
         if ref_channels is None or got_channels is None or not mx.array_equal(ref_channels, got_channels).item():
             return False, "outlier channels differ"

@@ -16,7 +16,7 @@ from typing import Callable
 import mlx.core as mx
 
 from promptvault.codec.codebook import codebook
-from promptvault.codec.packing import pack_bits, unpack_bits
+from promptvault.codec.packing import pack_bits, packed_width, unpack_bits
 from promptvault.codec.rotation import random_signs, rotate, rotation_blocks, unrotate
 from promptvault.codec.spec import CodecSpec
 
@@ -93,6 +93,13 @@ def _other_channels(channels: mx.array, dim: int) -> mx.array:
     every = mx.arange(dim, dtype=mx.int32)
     chosen = mx.any(channels[..., :, None] == every, axis=-2)  # (..., 1, dim)
     return mx.sort(mx.where(chosen, every + dim, every), axis=-1)[..., : dim - channels.shape[-1]]
+
+
+def channel_order(channels: mx.array, dim: int) -> mx.array:
+    """(..., 1, dim) int32: the channel each coordinate of the decoded parts belongs to, in the
+    order they are stored: the outlier channels, then the others ascending."""
+    hi = channels.astype(mx.int32)
+    return mx.concatenate([hi, _other_channels(hi, dim)], axis=-1)
 
 
 def _gather(values: mx.array, channels: mx.array) -> mx.array:
@@ -186,15 +193,11 @@ def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype:
     """Inverse of `encode_arrays`, in `dtype`."""
     norms = _norm_values(arrays)
     if spec.outliers:
-        from promptvault.codec.packing import packed_width
-
-        hi = arrays["channels"].astype(mx.int32)
-        k = hi.shape[-1]
-        lo = _other_channels(hi, dim)
+        k = arrays["channels"].shape[-1]
         width, n_hi = packed_width(k, spec.outlier_bits), len(rotation_blocks(k))
         x_hi = _uncode(arrays["codes"][..., :width], norms[..., :n_hi], spec.outlier_bits, spec.seed, k)
         x_lo = _uncode(arrays["codes"][..., width:], norms[..., n_hi:], spec.bits, spec.seed, dim - k)
-        inverse = mx.argsort(mx.concatenate([hi, lo], axis=-1), axis=-1)
+        inverse = mx.argsort(channel_order(arrays["channels"], dim), axis=-1)
         out = _gather(mx.concatenate([x_hi, x_lo], axis=-1), inverse)
     else:
         out = _uncode(arrays["codes"], norms, spec.bits, spec.seed, dim)
