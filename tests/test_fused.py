@@ -219,24 +219,30 @@ _CUDA_ONLY = ("__shfl", "__ballot", "__device__", "blockIdx", "threadIdx", "sqrt
 _METAL_ONLY = ("simd_", "thread_position_in_grid", "metal::", "threadgroup", "constant float")
 
 
+def _one_body_tables(make) -> tuple[str, dict[str, np.ndarray]]:
+    """Source from make(lang) for both languages: each free of the other's words, one body that
+    differs only in the language prologue; returns the CUDA body and its float tables."""
+    cuda_header, cuda_body = make("cuda")
+    metal_header, metal_body = make("metal")
+    assert not any(w in metal_header + metal_body for w in _CUDA_ONLY)
+    assert not any(w in cuda_header + cuda_body for w in _METAL_ONLY)
+    strip = lambda body: body.split("pv_wlane = ", 1)[1].split("\n", 1)[1]
+    assert strip(cuda_body) == strip(metal_body)
+    tables = dict(re.findall(r"float (pv_\w+)\[\d+\] = \{([^}]*)\}", cuda_header))
+    parse = lambda t: np.array([float(v.rstrip("f")) for v in t.split(",")], dtype=np.float32)
+    return cuda_body, {name: parse(t) for name, t in tables.items()}
+
+
 @pytest.mark.parametrize("dim, bits, center, norm_bits", [(128, 3, False, 16), (96, 4, True, 8),
                                                           (256, 6, True, 16), (64, 1, False, 8)])
 def test_kernel_sources_share_one_body_and_carry_the_codec_constants(dim, bits, center, norm_bits):
     cfg = fused.KernelConfig(dim, bits, 5, center, norm_bits)
     for make in (fused.encode_source, fused.decode_source):
-        cuda_header, cuda_body = make(cfg, "cuda")
-        metal_header, metal_body = make(cfg, "metal")
-        assert not any(w in metal_header + metal_body for w in _CUDA_ONLY)
-        assert not any(w in cuda_header + cuda_body for w in _METAL_ONLY)
-        # one body: the two differ only in the language prologue
-        strip = lambda body: body.split("pv_wlane = ", 1)[1].split("\n", 1)[1]
-        assert strip(cuda_body) == strip(metal_body)
-        tables = dict(re.findall(r"float (pv_\w+)\[\d+\] = \{([^}]*)\}", cuda_header))
-        parse = lambda s: np.array([float(v.rstrip("f")) for v in s.split(",")], dtype=np.float32)
+        cuda_body, tables = _one_body_tables(lambda lang: make(cfg, lang))
         centroids, boundaries = codebook(dim, bits)
-        np.testing.assert_array_equal(parse(tables["pv_cent"]), centroids)
-        np.testing.assert_array_equal(parse(tables["pv_thr"]), boundaries)
-        np.testing.assert_array_equal(parse(tables["pv_sign"]), random_signs(dim, 5))
+        np.testing.assert_array_equal(tables["pv_cent"], centroids)
+        np.testing.assert_array_equal(tables["pv_thr"], boundaries)
+        np.testing.assert_array_equal(tables["pv_sign"], random_signs(dim, 5))
         assert ("mean[" in cuda_body) is center
 
 
@@ -247,17 +253,10 @@ def test_kernel_sources_share_one_body_and_carry_the_codec_constants(dim, bits, 
 ])
 def test_plan_kernel_source_shares_one_body_and_carries_each_parts_constants(dim, spec):
     plan = fused.decode_plan(spec, dim, unroll=2)
-    cuda_header, cuda_body = fused.plan_decode_source(plan, "cuda")
-    metal_header, metal_body = fused.plan_decode_source(plan, "metal")
-    assert not any(w in metal_header + metal_body for w in _CUDA_ONLY)
-    assert not any(w in cuda_header + cuda_body for w in _METAL_ONLY)
-    strip = lambda body: body.split("pv_wlane = ", 1)[1].split("\n", 1)[1]
-    assert strip(cuda_body) == strip(metal_body)
-    tables = dict(re.findall(r"float (pv_\w+)\[\d+\] = \{([^}]*)\}", cuda_header))
-    parse = lambda s: np.array([float(v.rstrip("f")) for v in s.split(",")], dtype=np.float32)
+    cuda_body, tables = _one_body_tables(lambda lang: fused.plan_decode_source(plan, lang))
     for p, part in enumerate(plan.parts):
-        np.testing.assert_array_equal(parse(tables[f"pv_cent{p}"]), codebook(part.cfg.dim, part.cfg.bits)[0])
-        np.testing.assert_array_equal(parse(tables[f"pv_sign{p}"]), random_signs(part.cfg.dim, spec.seed))
+        np.testing.assert_array_equal(tables[f"pv_cent{p}"], codebook(part.cfg.dim, part.cfg.bits)[0])
+        np.testing.assert_array_equal(tables[f"pv_sign{p}"], random_signs(part.cfg.dim, spec.seed))
     assert ("perm[" in cuda_body) is bool(spec.outliers)
     if spec.outliers:  # a stored channel index never takes a write out of the row
         assert "c0 < PV_D ? c0 : PV_D - 1u" in cuda_body
