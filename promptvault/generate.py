@@ -82,7 +82,7 @@ def run_prompt(
         if on_text is not None and response.text:
             on_text(response.text)
     saved, save_s = 0, 0.0
-    if vault is not None and save and getattr(vault, "read_only", False):
+    if vault is not None and save and vault.read_only:
         log.warning("the vault at %s is read-only: this prompt's new blocks were not stored", vault.root)
     elif vault is not None and save:
         save_start = time.perf_counter()
