@@ -22,7 +22,7 @@ def warm_blocks(model, cache, tokens, block, kv, *more_kvs, at=0):
         _body(model)(mx.array(tokens[start:end])[None], cache=cache)
         mx.eval([c.state for c in cache])
         for out, codec in zip(payloads, kvs):
-            out.append(encode_block(cache, at + start, at + end, codec))
+            out.append(encode_block(cache, at + start, at + end, codec, at=at + end))
     return payloads if more_kvs else payloads[0]
 
 

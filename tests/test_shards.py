@@ -23,8 +23,9 @@ def _arrays():
 def test_roundtrip_and_interop(tmp_path):
     arrays = _arrays()
     path = tmp_path / relpath("ab" * 32)
-    nbytes, checksum = write_shard(path, arrays, {"format": "x", "chunk": '{"key":"k"}'})
-    assert nbytes == path.stat().st_size
+    written = write_shard(path, arrays, {"format": "x", "chunk": '{"key":"k"}'})
+    nbytes, checksum = written.nbytes, written.checksum
+    assert written.published and nbytes == path.stat().st_size
     shard = read_shard(path)
     assert shard.checksum == checksum and shard.metadata == {"format": "x", "chunk": '{"key":"k"}'}
     for name, a in arrays.items():
@@ -57,7 +58,7 @@ def test_permissions_fanout_and_no_temp_files(tmp_path):
     path = tmp_path / "shards" / relpath(key)
     (tmp_path / "shards").mkdir(mode=0o700)
     write_shard(path, _arrays(), {})
-    write_shard(path, _arrays(), {})  # rewriting the same chunk replaces it atomically
+    write_shard(path, _arrays(), {})  # writing the same chunk again leaves one file and no temp
     assert path.relative_to(tmp_path / "shards").parts == ("0f", "e1", key + ".safetensors")
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     for d in (path.parent, path.parent.parent):
@@ -69,3 +70,26 @@ def test_empty_arrays_rejected(tmp_path):
     with pytest.raises(ValueError, match="size-0"):
         write_shard(tmp_path / "e.safetensors", {"x": mx.zeros((0, 3))}, {})
     assert not list(tmp_path.iterdir())
+
+
+def test_first_complete_file_wins(tmp_path):
+    """Two writers of one key with different bytes (a lossy codec over slightly different prefix
+    states): the second keeps the first's file and learns its checksum, never replaces it."""
+    path = tmp_path / relpath("cd" * 32)
+    first = write_shard(path, _arrays(), {"writer": "one"})
+    before = path.read_bytes()
+    other = {**_arrays(), "l01.a0": mx.ones((1, 3))}
+    second = write_shard(path, other, {"writer": "two"})
+    assert first.published and not second.published
+    assert path.read_bytes() == before and second.checksum == first.checksum == read_shard(path).checksum
+    assert second.nbytes == len(before) and read_shard(path).metadata == {"writer": "one"}
+    assert os.listdir(path.parent) == [path.name]
+
+
+def test_a_damaged_winner_is_reported_not_replaced(tmp_path):
+    path = tmp_path / relpath("ef" * 32)
+    write_shard(path, _arrays(), {})
+    path.write_bytes(b"\xff" * 16)  # header length past the end
+    with pytest.raises(CorruptShard):
+        write_shard(path, _arrays(), {})
+    assert path.read_bytes() == b"\xff" * 16 and os.listdir(path.parent) == [path.name]

@@ -153,8 +153,10 @@ def test_eviction_skips_files_it_cannot_delete(tmp_path):
     chain_a, stuck = [r["key"] for r in rows], tmp_path / "shards" / rows[-1]["file"]
     stuck.unlink()
     (stuck / "x").mkdir(parents=True)  # a non-empty directory where the leaf was: os.remove fails
-    with Vault(tmp_path, codec=LOSSLESS_KV, disk_cap=1) as vault:
-        evicted = vault.gc()["evicted"]
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        largest = max(r["bytes"] for r in vault.index.all_chunks())
+    with Vault(tmp_path, codec=LOSSLESS_KV, disk_cap=largest) as vault:
+        evicted = vault.gc(evict_all=True)["evicted"]
         # b's chain went; a's stuck leaf was skipped, so its blocks (which it extends) stay
         assert evicted == 3 and stuck.is_dir()
         assert sorted(r["key"] for r in vault.index.all_chunks()) == sorted(chain_a)
@@ -185,12 +187,33 @@ def test_flipped_byte_is_a_miss_and_quarantined(tmp_path):
     shard.write_bytes(bytes(data))
     with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
         r = vault.restore(lm, toks)
-        assert (r.tokens_reused, r.tier, len(r.quarantined)) == (0, "none", 1)
-        assert len(r.cache) == 2 and r.cache[0].offset == 0
+        # the leaf was bad: the intact blocks before it serve this very run
+        assert (r.tokens_reused, r.tier, len(r.quarantined), r.missing) == (16, "disk", 1, [])
         assert not shard.exists() and vault.stats()["quarantined"] == 1
-        assert vault.restore(lm, toks).tokens_reused == 16  # the intact blocks before the leaf still hit
+        assert vault.restore(lm, toks).tokens_reused == 16
         assert vault.verify()["bad"] == []
 
+
+def test_a_bad_chunk_in_the_middle_keeps_the_chunks_before_it(tmp_path):
+    """Block 1 of 0..3 damaged: the same run restores block 0 and prefills the rest, exactly."""
+    lm = tiny_llama()
+    toks = prompt(33)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(lm, toks)
+        second = vault.lookup(lm, toks).chunks[1]
+    path = tmp_path / "shards" / second["file"]
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40
+    path.write_bytes(bytes(data))
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        r = vault.restore(lm, toks)
+        assert (r.tokens_reused, r.quarantined) == (8, [second["key"]])
+        assert mx.allclose(last_logits(lm, toks, r.cache, 8), last_logits(lm, toks), atol=1e-4).item()
+        first = vault.lookup(lm, toks[:8] + [1, 2]).chunks[0]
+    (tmp_path / "shards" / first["file"]).unlink()
+    with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
+        r = vault.restore(lm, toks)  # block 0's file deleted: missing, not quarantined
+        assert (r.tokens_reused, r.quarantined, len(r.missing)) == (0, [], 1)
 
 
 @pytest.mark.parametrize("ram_cap", [0, 2**20])
@@ -211,9 +234,9 @@ def test_index_row_with_wrong_tokens_never_serves_its_shard(tmp_path, ram_cap):
                    (np.asarray(other[16:20], dtype="<u4").tobytes(), key))
     with Vault(tmp_path, codec=LOSSLESS_KV, ram_cap=ram_cap) as vault:
         r = vault.restore(lm, other)
-        assert r.tokens_reused == 0 and r.quarantined == [key]
+        assert r.tokens_reused == 16 and r.quarantined == []  # the intact leading blocks serve this run
         assert vault.index.chunk(key)["tokens"] == blob  # re-read from its file
-        assert vault.restore(lm, other).tokens_reused == 16  # the intact leading blocks still hit
+        assert vault.restore(lm, other).tokens_reused == 16
 
 def _warm_in_child(path, seed):
     lm = tiny_llama()
@@ -233,7 +256,7 @@ def test_several_processes_share_one_vault(tmp_path):
     with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
         files = list((tmp_path / "shards").rglob("*"))
         assert not [f for f in files if f.name.startswith(".tmp-")]
-        assert vault.verify() == {"checked": 3 * 5 + 3 * 2, "ok": 21, "bad": []}
+        assert vault.verify() == {"checked": 3 * 5 + 3 * 2, "ok": 21, "bad": [], "adopted": [], "missing": []}
         assert vault.restore(tiny_llama(), prompt(40, 1) + prompt(5, 11)).tokens_reused == 44
 
 
@@ -253,7 +276,9 @@ def test_gc_rm_and_namespaces(tmp_path):
         (tmp_path / "shards" / row["file"]).unlink()
         g = vault.gc()
         assert g["temp_files_removed"] == 1 and g["rows_dropped"] == 1 and not stale.exists()
-        assert vault.rm(label="a") == 0  # its leaf is gone; its blocks are shared with "b"
+        assert [w["label"] for w in vault.index.warmed()] == ["b"]  # "a" lost its last chunk: forgotten
+        with pytest.raises(VaultSettingsError, match="no warmed prompt is labelled 'a'"):
+            vault.rm(label="a")
         assert vault.rm(label="b") == 4
         assert vault.stats()["namespaces"][0]["chunks"] == 0
 
@@ -286,7 +311,7 @@ def test_warm_rewrites_a_corrupted_block(tmp_path):
     with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
         w = vault.warm(lm, toks)
         assert (w.tokens_reused, w.written) == (0, 2)  # block 0 again, plus the new leaf
-        assert vault.verify() == {"checked": 4, "ok": 4, "bad": []}
+        assert vault.verify() == {"checked": 4, "ok": 4, "bad": [], "adopted": [], "missing": []}
         assert vault.restore(lm, toks).tokens_reused == 29
 
 

@@ -29,7 +29,7 @@ from promptvault.errors import PromptvaultError
 from promptvault.vault import caches_arrays, caches_kv, caches_quantized, caches_rotating
 from promptvault.vault.caches_rows import RestoreError
 
-__all__ = ["BlockPayload", "layer_layout", "block_ends_only", "encode_block", "restore_cache",
+__all__ = ["BlockPayload", "layer_layout", "block_ends_only", "position", "encode_block", "restore_cache",
            "RestoreError", "UnsupportedCacheError", "FORMAT"]
 
 FORMAT = "promptvault.caches/1"
@@ -125,6 +125,16 @@ def block_ends_only(layout: list[dict]) -> bool:
     )
 
 
+def position(cache: list) -> int | None:
+    """The token position the live cache is at, from its positional layers; None when no layer
+    records one (a purely recurrent model: its state says nothing about how many tokens it saw).
+    Raises RestoreError when layers disagree."""
+    offsets = {int(c.offset) for c in _flat(cache) if hasattr(c, "offset")}
+    if len(offsets) > 1:
+        raise RestoreError(f"the cache's layers are at different positions {sorted(offsets)}")
+    return offsets.pop() if offsets else None
+
+
 def _flat(cache: list):
     for c in cache:
         if type(c) is CacheList:
@@ -140,13 +150,15 @@ def _encode_one(cache, start, end, kv, prefix, out) -> dict:
     return _adapter(cache).encode(cache, start, end, kv, prefix, out)
 
 
-def encode_block(cache: list, start: int, end: int, kv: KVCodec) -> BlockPayload:
+def encode_block(cache: list, start: int, end: int, kv: KVCodec, at: int | None = None) -> BlockPayload:
     """Capture tokens [start, end) of every layer of `cache`, coded with `kv`.
 
-    Call it when the cache has just processed tokens [start, end): KV-like layers can give any
-    rows they still hold, but recurrent state (ArraysCache) is a snapshot of "now", so when the
-    model has one, every positional layer must be exactly at `end`. Arrays are evaluated and
-    own their bytes (no views into the live cache).
+    KV-like layers can give any rows they still hold, but recurrent state (ArraysCache) is a
+    snapshot of "now", so when the model has one the cache must be exactly at `end`. Its position
+    comes from the positional layers; a purely recurrent model records none, so the caller must
+    say where the cache is (`at`, e.g. warm right after prefilling [start, end)), or the block is
+    refused: storing a snapshot under the wrong position would restore the wrong state silently.
+    Arrays are evaluated and own their bytes (no views into the live cache).
     """
     if not 0 <= start < end:
         raise ValueError(f"bad block [{start}, {end})")
@@ -154,12 +166,14 @@ def encode_block(cache: list, start: int, end: int, kv: KVCodec) -> BlockPayload
     for c in layers:
         _adapter(c)  # reject unknown types before any work
     if any(type(c) is ArraysCache for c in layers):
-        offsets = {int(c.offset) for c in layers if hasattr(c, "offset")}
-        if offsets and offsets != {end}:
-            raise RestoreError(
-                f"the cache is at token {sorted(offsets)} but the block ends at {end}: an ArraysCache "
-                f"(recurrent state) can only be captured at the position it is at"
-            )
+        known = position(cache)
+        if known is not None and at is not None and known != at:
+            raise RestoreError(f"the cache is at token {known}, not {at} as the caller says")
+        at = known if known is not None else at
+        if at != end:
+            where = "an unknown position (its layers record none)" if at is None else f"token {at}"
+            raise RestoreError(f"the cache is at {where} but the block ends at {end}: recurrent state "
+                               "(ArraysCache) can only be captured at the position the cache is at")
     arrays: dict[str, mx.array] = {}
     metas = [_encode_one(c, start, end, kv, f"l{i:02d}", arrays) for i, c in enumerate(cache)]
     mx.eval(list(arrays.values()))

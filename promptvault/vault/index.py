@@ -97,22 +97,56 @@ class Index:
 
     # chunks
     def add_chunk(self, row: dict, snapshot: bool = False) -> bool:
-        """Insert a chunk row unless the key is already there; True if this call inserted it."""
+        """Record a chunk as its file on disk now is; True if the key was new to the index.
+
+        The file is the truth: a row already there (stale, from a file since evicted and
+        published again by another writer) takes the file's name, size and checksum, and keeps
+        its own recency and hit count.
+        """
         now = time.time()
         row = {"created": now, "last_used": now, "hits": 0, **row}
         with self.db.conn:
             cur = self.db.conn.execute(
-                f"INSERT OR IGNORE INTO chunks ({', '.join(_CHUNK_COLS)}) "
-                f"VALUES ({', '.join('?' * len(_CHUNK_COLS))})", [row[c] for c in _CHUNK_COLS])
+                f"INSERT INTO chunks ({', '.join(_CHUNK_COLS)}) "
+                f"VALUES ({', '.join('?' * len(_CHUNK_COLS))}) ON CONFLICT(key) DO NOTHING",
+                [row[c] for c in _CHUNK_COLS])
+            inserted = cur.rowcount == 1
+            if not inserted:
+                self.db.conn.execute(
+                    "UPDATE chunks SET file = ?, bytes = ?, checksum = ? WHERE key = ? AND "
+                    "(file IS NOT ? OR bytes IS NOT ? OR checksum IS NOT ?)",
+                    (row["file"], row["bytes"], row["checksum"], row["key"],
+                     row["file"], row["bytes"], row["checksum"]))
             if snapshot:
                 self.db.conn.execute(
                     "INSERT OR IGNORE INTO snapshots (key, namespace, position) VALUES (?, ?, ?)",
                     (row["key"], row["namespace"], row["position"] + row["n_tokens"]))
-        return cur.rowcount == 1
+        return inserted
 
     def chunk(self, key: str) -> dict | None:
         rows = self._rows("SELECT * FROM chunks WHERE key = ?", (key,))
         return rows[0] if rows else None
+
+    def set_file(self, key: str, nbytes: int, checksum: str) -> None:
+        """Make a row agree with its (self-checking) file: the file is the truth."""
+        self._write("UPDATE chunks SET bytes = ?, checksum = ? WHERE key = ?", (nbytes, checksum, key))
+
+    def usage(self) -> dict[str, tuple]:
+        """key -> (created, last_used, hits): what only the index knows, carried over a rebuild."""
+        return {r[0]: r[1:] for r in self.db.conn.execute("SELECT key, created, last_used, hits FROM chunks")}
+
+    def restore_usage(self, usage: dict[str, tuple]) -> None:
+        with self.db.conn:
+            self.db.conn.executemany("UPDATE chunks SET created = ?, last_used = ?, hits = ? WHERE key = ?",
+                                     [(*v, k) for k, v in usage.items()])
+
+    def chunk_bytes_range(self) -> tuple[int, int] | None:
+        """(smallest, largest) chunk file size, or None when no chunk is indexed."""
+        lo, hi = self.db.conn.execute("SELECT min(bytes), max(bytes) FROM chunks").fetchone()
+        return None if lo is None else (lo, hi)
+
+    def any_chunk(self) -> bool:
+        return self.db.conn.execute("SELECT 1 FROM chunks LIMIT 1").fetchone() is not None
 
     def existing(self, keys: list[str]) -> set[str]:
         found: set[str] = set()
@@ -159,11 +193,16 @@ class Index:
 
     # warmed prompts
     def add_warmed(self, namespace: str, label: str | None, source: str | None, n_tokens: int,
-                   last_key: str) -> None:
-        self._write("INSERT INTO warmed (namespace, label, source, n_tokens, last_key, created) "
-                    "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM warmed WHERE last_key = ? "
-                    "AND label IS ? AND source IS ?)",
-                    (namespace, label, source, n_tokens, last_key, time.time(), last_key, label, source))
+                   last_key: str, created: float | None = None) -> dict | None:
+        """Record a warmed prompt unless the same (last chunk, label, source) is there; returns the
+        new row, or None if it was already recorded."""
+        row = {"namespace": namespace, "label": label, "source": source, "n_tokens": n_tokens,
+               "last_key": last_key, "created": time.time() if created is None else created}
+        n = self._write("INSERT INTO warmed (namespace, label, source, n_tokens, last_key, created) "
+                        "SELECT ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM warmed WHERE last_key = ? "
+                        "AND label IS ? AND source IS ?)",
+                        (namespace, label, source, n_tokens, last_key, row["created"], last_key, label, source))
+        return row if n == 1 else None
 
     def warmed(self) -> list[dict]:
         return self._rows("SELECT * FROM warmed ORDER BY id")

@@ -10,9 +10,18 @@ header, filesystem block rounding), a few KiB against ~1 MiB of codes per 256-to
 Format: standard safetensors (readable by `safetensors`, `mx.load`), written here directly so the
 checksum can cover the exact bytes on disk. `__metadata__["checksum"]` is
 "xxh3_64:<hex>" of the whole header (with the checksum hex zeroed) followed by the tensor bytes,
-so a flipped byte anywhere in the file is caught on read. Files are written to a unique temp name
-in the target directory, fsynced, then `os.replace`d: readers never see half a file and two
-processes writing the same chunk both produce a complete one.
+so a flipped byte anywhere in the file is caught on read.
+
+A chunk key names one set of bytes forever: the first complete file wins. Two writers of one key
+need not compute the same bytes (a lossy codec applied to a prefix one of them restored from its
+own lossy copy differs in the last bits), so a writer must never replace a published file: files
+are written to a unique temp name in the target directory, fsynced, then hard-linked into place
+(`os.link` fails if the name exists), and "exists" means "already stored": the loser drops its
+temp file and adopts the winner's checksum. Readers never see half a file. The same rule holds
+for every tier: the RAM tier keeps only bytes read from the winning file or written as it, and a
+shared remote tier must publish with a conditional put (If-None-Match: *) for the same reason.
+Only eviction or quarantine removes a file; a later writer may then publish new bytes for the
+key, which are again a complete, self-checking encoding of the same tokens.
 """
 
 from __future__ import annotations
@@ -89,8 +98,20 @@ def _encode(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[byte
     return len(text).to_bytes(8, "little") + text + data, digest
 
 
-def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[int, str]:
-    """Write atomically (unique temp file, fsync, os.replace); returns (bytes, checksum)."""
+@dataclass
+class Written:
+    nbytes: int  # size of the file now at the path
+    checksum: str  # checksum of the file now at the path (the winner's, if another wrote first)
+    published: bool  # True if this call's bytes are the file; False if an existing file won
+
+
+def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> Written:
+    """Publish a shard at `path` unless one is already there (the first complete file wins).
+
+    Unique temp file, fsync, then a hard link to the final name, which fails if the name exists;
+    the temp name is always removed. When a file was already there, its own header says what was
+    stored (raises CorruptShard if that header does not parse: the caller decides what to do).
+    """
     blob, digest = _encode(arrays, metadata)
     for d in (path.parent.parent, path.parent):  # each level 0700 (parents=True would use 0777)
         d.mkdir(mode=0o700, exist_ok=True)
@@ -100,14 +121,52 @@ def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str
             f.write(blob)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        for _ in range(3):  # the winner's file may be evicted between our link and our look
+            if _publish(tmp, path):
+                return Written(len(blob), digest, True)
+            try:
+                return Written(path.stat().st_size, read_checksum(path), False)
+            except FileNotFoundError:
+                continue
+        raise OSError(f"could not publish {path}: it kept appearing and vanishing")
+    finally:
         try:
             os.unlink(tmp)
         except OSError:
             pass
-        raise
-    return len(blob), digest
+
+
+def _publish(tmp: str, path: Path) -> bool:
+    """Give the complete temp file its final name unless that name exists; True if it did."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: check, then rename (a narrow race remains)
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+
+
+def read_checksum(path: Path) -> str:
+    """The checksum a shard's header records (the header only; bytes are checked on use)."""
+    with open(path, "rb") as f:
+        try:
+            _, _, digest = _parse_header(_read_header(f))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptShard(str(e)) from e
+    return digest
+
+
+def _read_header(f) -> bytes:
+    """The 8-byte length and the JSON header it announces, refusing a length past the file's end."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little")
+    if len(head) < 8 or n > os.fstat(f.fileno()).st_size - 8:
+        raise CorruptShard("header length past end of file")
+    return head + f.read(n)
 
 
 def _parse_header(buf: bytes) -> tuple[int, dict, str]:
@@ -125,9 +184,8 @@ def read_metadata(path: Path, tensor: str) -> tuple[dict[str, str], str, np.ndar
     """Header metadata, checksum and one (small) tensor, without reading or checking the rest:
     enough to index a shard. Bytes are checked when the shard is used."""
     with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little")
-        buf = head + f.read(n)
+        buf = _read_header(f)
+        n = len(buf) - 8
         try:
             _, header, digest = _parse_header(buf)
             spec = header[tensor]

@@ -20,6 +20,7 @@ sequences may be given as text, which is then encoded with `lm.tokenizer`.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import CodecSpec, KVCodec
-from promptvault.vault import caches, compact
+from promptvault.vault import caches, compact, ledger
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultReadOnlyError, VaultSettingsError
 from promptvault.vault.index import Index
 from promptvault.vault.keys import chunk_key, tokens_to_bytes
@@ -80,6 +81,8 @@ class RestoreResult:
     read_s: float  # shard reads + checksums (0 for RAM hits)
     decode_s: float  # payloads -> cache objects, evaluated
     quarantined: list[str] = field(default_factory=list)  # keys of shards that failed their check
+    missing: list[str] = field(default_factory=list)  # keys whose files were gone (evicted meanwhile)
+    note: str | None = None  # why nothing was reused, when the vault can tell (another namespace)
 
     @property
     def seconds(self) -> float:
@@ -111,13 +114,15 @@ class Vault:
     """A prompt-cache vault at `path` (created on first use).
 
     block_size: tokens per block, fixed when the vault is created (None: the vault's, or 256).
-    disk_cap: bytes the whole vault directory may use (None: unlimited); enforced after writes.
+    disk_cap: bytes the whole vault directory may use; enforced after writes. A cap smaller than
+        the largest stored chunk is refused. None: the cap stored by configure(), else unlimited.
     ram_cap: bytes of compressed chunks kept in memory by this process (0 disables the tier).
+        None: the stored one, else DEFAULT_RAM_CAP.
     codec: how new blocks are coded; part of the namespace, so each codec has its own entries.
     """
 
     def __init__(self, path, *, block_size: int | None = None, disk_cap: int | None = None,
-                 ram_cap: int = DEFAULT_RAM_CAP, codec: KVCodec | None = None):
+                 ram_cap: int | None = None, codec: KVCodec | None = None):
         self.root = Path(path).expanduser()
         self.codec = codec or DEFAULT_CODEC
         self.read_only = False  # set when the directory cannot be written: reads work, writes raise
@@ -153,10 +158,18 @@ class Vault:
         for cap, name in ((disk_cap, "disk_cap"), (ram_cap, "ram_cap")):
             if cap is not None and cap < 0:
                 raise VaultSettingsError(f"{name} must be >= 0 bytes, got {cap}")
-        self.ram = RamTier(ram_cap)
-        self.disk = DiskTier(self.root, self.shards, disk_cap)
-        if new_index and self.shards.is_dir() and any(self.shards.iterdir()):
+        stored = json.loads((self.root / "vault.json").read_text())  # caps kept by configure()
+        self.ram = RamTier(ram_cap if ram_cap is not None else stored.get("ram_cap", DEFAULT_RAM_CAP))
+        self.disk = DiskTier(self.root, self.shards, disk_cap if disk_cap is not None else stored.get("disk_cap"))
+        if not new_index and not self.index.any_chunk() and self._any_shard_file():
+            log.warning("the vault index lists no chunks but shards/ holds files: rebuilding it from them")
+            if self.read_only:
+                self.index.close()
+                self.index = Index(None)
+            new_index = True
+        if new_index and self._any_shard_file():
             self._reindex()  # the index was lost: the files are the truth
+        self._check_cap(disk_cap)
 
     def _set_aside_index(self, error: Exception) -> None:
         """Move a corrupt index (and its WAL / shared memory) to quarantine/ for inspection."""
@@ -227,10 +240,16 @@ class Vault:
     # lookup / restore
 
     def lookup(self, lm, tokens) -> LookupResult:
-        """The longest stored prefix of `tokens` reusable by `lm` (always < len(tokens))."""
+        """The longest stored prefix of `tokens` reusable by `lm` (always < len(tokens)).
+
+        A model whose cache holds a layer type the vault cannot store is a miss, not an error."""
         t0 = time.perf_counter()
         toks = _tokens(lm, tokens)
-        ns = self.namespace(lm)
+        try:
+            ns = self.namespace(lm)
+        except caches.UnsupportedCacheError as e:
+            log.warning("%s: nothing can be reused", e)
+            return LookupResult("", len(toks), 0, "none", [], time.perf_counter() - t0)
         p = plan(self.index, ns, toks)
         tier = "none"
         if p.reuse:
@@ -240,88 +259,141 @@ class Vault:
     def restore(self, lm, tokens) -> RestoreResult:
         """Fresh caches for `lm` holding the longest stored prefix of `tokens`.
 
-        Any shard that fails its checksum is quarantined and the whole restore becomes a miss
-        (empty caches), so generation proceeds exactly as if cold.
+        Chunks are read in order; the first one that is missing, fails its checksum (it is then
+        quarantined) or holds other tokens than the prompt ends the restore there: the intact
+        chunks before it are used, so one bad chunk costs only the tokens from it on.
         """
         toks = _tokens(lm, tokens)
         look = self.lookup(lm, toks)
-        miss = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none",
-                             look.seconds, 0.0, 0.0)
+        result = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none", look.seconds, 0.0, 0.0)
         if not look.tokens_reused:
-            return miss
+            if look.namespace:
+                result.note = self._other_namespace_note(lm, toks, look.namespace)
+                if result.note:
+                    log.warning("%s", result.note)
+            return result
         t0 = time.perf_counter()
-        items, bad = self._load(look.chunks)
-        if not bad:
-            bad = self._mismatched(look.chunks, items, toks, look.tokens_reused)
-        read_s = time.perf_counter() - t0
-        if bad:
-            log.warning("%d stored chunk(s) failed their check and were quarantined; running cold", len(bad))
-            miss.read_s, miss.quarantined = read_s, bad
-            return miss
+        items, result.quarantined, result.missing = self._load(look.chunks, toks[: look.tokens_reused])
+        result.read_s = time.perf_counter() - t0
+        reuse = look.tokens_reused
+        if len(items) < len(look.chunks):
+            reuse = self._usable(look.namespace, look.chunks[: len(items)], reuse)
+            what = ", ".join(f"{len(keys)} {kind}" for kind, keys in
+                             (("missing", result.missing), ("quarantined", result.quarantined)) if keys)
+            log.warning("stored chunk(s) unusable (%s): restoring %d of the %d tokens found%s", what, reuse,
+                        look.tokens_reused, "" if reuse else ", running cold")
+        if not reuse:
+            return result
         t1 = time.perf_counter()
         try:
-            cache = caches.restore_cache(lm.model, [i.payload for i in items], look.tokens_reused)
+            cache = caches.restore_cache(lm.model, [i.payload for i in items], reuse)
         except caches.RestoreError as e:
             log.warning("stored chunks cannot be restored (%s); running cold", e)
-            miss.read_s = read_s
-            return miss
+            return result
         _eval_cache(cache)
         decode_s = time.perf_counter() - t1
+        used = look.chunks[: len(items)]
         log.info("restored %d of %d tokens from %d chunks (%s): lookup %.1f ms, read %.1f ms, decode %.1f ms",
-                 look.tokens_reused, look.tokens_total, len(look.chunks), look.tier, look.seconds * 1e3,
-                 read_s * 1e3, decode_s * 1e3)
+                 reuse, look.tokens_total, len(used), look.tier, look.seconds * 1e3, result.read_s * 1e3,
+                 decode_s * 1e3)
         if not self.read_only:
-            self.index.touch([r["key"] for r in look.chunks])
-        return RestoreResult(cache, look.tokens_total, look.tokens_reused, look.tier, look.seconds,
-                             read_s, decode_s)
+            self.index.touch([r["key"] for r in used])
+            self._touch_files(used)
+        result.cache, result.tokens_reused, result.tier, result.decode_s = cache, reuse, look.tier, decode_s
+        return result
 
-    def _mismatched(self, rows: list[dict], items: list[_Loaded], toks: np.ndarray, reuse: int) -> list[str]:
-        """Keys of chunks whose own tokens (in the shard, carried by `items`) differ from the
-        prompt over the reused span. The lookup trusted the index's copy of the tokens; a damaged
-        index must not make a shard serve a prompt it was not computed for. Such a row is re-read
-        from its file."""
-        bad = []
-        for row, item in zip(rows, items):
-            start, need = row["position"], min(row["n_tokens"], reuse - row["position"])
-            if need <= 0:
+    def _usable(self, namespace: str, rows: list[dict], reuse: int) -> int:
+        """Tokens restorable from the leading chunks `rows` alone (at most `reuse`): their end, or
+        in a namespace with recurrent state the last of their ends that has a snapshot."""
+        ends = np.cumsum([r["n_tokens"] for r in rows]).tolist() if rows else []
+        if rows and caches.block_ends_only(self._layout(namespace)):
+            ends = [e for e, r in zip(ends, rows) if e <= reuse and self.index.has_snapshot(r["key"])]
+        return min(int(max(ends, default=0)), reuse)
+
+    def _layout(self, namespace: str) -> list:
+        for n in self.index.namespaces():
+            if n["id"] == namespace:
+                return n["descriptor"]["layout"]["layers"]
+        return []
+
+    def _touch_files(self, rows: list[dict]) -> None:
+        """A file's mtime is its chunk's last use: the eviction order survives an index rebuild."""
+        for r in rows:
+            try:
+                os.utime(self.shards / r["file"])
+            except OSError:
+                pass
+
+    def _other_namespace_note(self, lm, toks: np.ndarray, namespace: str) -> str | None:
+        """Why a prompt found nothing: another namespace of this vault (another model, codec or KV
+        dtype) holds its first block. None when no other namespace does, or the prompt is shorter
+        than a block."""
+        if len(toks) <= self.block_size:
+            return None
+        mine = next((n["descriptor"] for n in self.index.namespaces() if n["id"] == namespace), None)
+        for other in self.index.namespaces():
+            if other["id"] == namespace:
                 continue
-            if len(item.tokens) < need or not np.array_equal(item.tokens[:need], toks[start : start + need]):
-                bad.append(row["key"])
-                self.ram.discard(row["key"])
-                if self.read_only:
-                    continue
-                self.index.delete_chunks([row["key"]])
-                try:
-                    self._index_file(self.shards / row["file"])
-                except (CorruptShard, KeyError, ValueError, TypeError, OSError):
-                    pass
-        if bad:
-            log.warning("the index disagreed with %d shard(s) about their tokens; rows re-read from the files",
-                        len(bad))
-        return bad
+            desc = other["descriptor"]
+            first = chunk_key(None, Namespace.from_descriptor(desc).digest, toks[: self.block_size])
+            if self.index.existing([first]):
+                diff = [k for k in ("model", "codec", "kv_dtype", "layout")
+                        if mine is None or desc.get(k) != mine.get(k)]
+                what = {"model": "another model", "codec": "another codec (--key-bits/--value-bits/--quality)",
+                        "kv_dtype": "another KV dtype", "layout": "another cache layout"}
+                return (f"nothing reused: this prompt is stored under namespace {other['id'][:12]} with "
+                        f"{', '.join(what[k] for k in diff) or 'other settings'} than this run's")
+        return None
 
-    def _load(self, rows: list[dict]) -> tuple[list[_Loaded], list[str]]:
-        """The chunks of `rows`, from the RAM tier or read and verified from disk (then kept in
-        RAM), and the keys of those that failed (quarantined)."""
-        loaded, bad = [], []
+    def _load(self, rows: list[dict], toks: np.ndarray | None = None
+              ) -> tuple[list[_Loaded], list[str], list[str]]:
+        """The leading chunks of `rows` that can be used, from the RAM tier or read and verified
+        from disk (then kept in RAM), up to the first that cannot; with the keys quarantined and
+        missing. Given the reused tokens `toks`, each chunk's own tokens must match them where they overlap:
+        the lookup trusted the index's copy of the tokens, and a damaged index must not make a
+        shard serve a prompt it was not computed for (such a row is re-read from its file)."""
+        loaded: list[_Loaded] = []
         for row in rows:
             item = self.ram.get(row["key"])
             if item is None:
-                item = self._read(row)
+                item, problem = self._read(row)
                 if item is None:
-                    bad.append(row["key"])
-                    continue
+                    return loaded, [row["key"]] if problem == "quarantined" else [], \
+                        [row["key"]] if problem == "missing" else []
                 self.ram.put(row["key"], item, item.nbytes)
+            if toks is not None and not self._tokens_match(row, item, toks):
+                return loaded, [], []
             loaded.append(item)
-        return loaded, bad
+        return loaded, [], []
 
-    def _read(self, row: dict) -> _Loaded | None:
-        """Read and verify one shard; on failure quarantine it, drop its row, return None."""
+    def _tokens_match(self, row: dict, item: _Loaded, toks: np.ndarray) -> bool:
+        start = row["position"]
+        need = min(row["n_tokens"], len(toks) - start)
+        if need <= 0 or (len(item.tokens) >= need and np.array_equal(item.tokens[:need], toks[start : start + need])):
+            return True
+        log.warning("the index disagreed with shard %s about its tokens; its row is re-read from the file",
+                    row["key"][:12])
+        self.ram.discard(row["key"])
+        if not self.read_only:
+            self.index.delete_chunks([row["key"]])
+            try:
+                self._index_file(self.shards / row["file"])
+            except (CorruptShard, KeyError, ValueError, TypeError, OSError):
+                pass
+        return False
+
+    def _read(self, row: dict) -> tuple[_Loaded | None, str | None]:
+        """Read and verify one shard: (chunk, None), or (None, "missing") when its file is gone,
+        or (None, "quarantined") when it failed its check (moved aside, row dropped).
+
+        A file that checks out against its own checksum and names the right key is used even when
+        the index recorded another checksum: the index row is stale (the file was evicted and
+        published again since), so the row is corrected, not the file quarantined."""
         path = self.shards / row["file"]
         try:
             shard = read_shard(path)
             info = json.loads(shard.metadata["chunk"])
-            if info["key"] != row["key"] or shard.checksum != row["checksum"]:
+            if info["key"] != row["key"]:
                 raise CorruptShard("shard does not hold the indexed chunk")
             ns = compact.unpack(shard.metadata["namespace"])
             meta = {**compact.unpack(shard.metadata["payload"]), "layout": ns["layout"]["layers"],
@@ -329,13 +401,15 @@ class Vault:
         except FileNotFoundError:  # evicted by another process meanwhile
             if not self.read_only:
                 self.index.delete_chunks([row["key"]])
-            return None
+            return None, "missing"
         except (CorruptShard, KeyError, ValueError, TypeError):
             self._quarantine(row["key"], path)
-            return None
+            return None, "quarantined"
+        if shard.checksum != row["checksum"] and not self.read_only:
+            self.index.set_file(row["key"], shard.nbytes, shard.checksum)
         arrays = {k: v for k, v in shard.arrays.items() if k != _TOKENS}
         toks = np.asarray(shard.arrays[_TOKENS]).astype(np.int64) if _TOKENS in shard.arrays else np.zeros(0, np.int64)
-        return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks)
+        return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks), None
 
     def _quarantine_dir(self) -> Path:
         """quarantine/, where damaged files go for inspection instead of being deleted."""
@@ -364,23 +438,24 @@ class Vault:
         """Prefill `tokens` block by block through `lm` and store every block not yet stored.
 
         Leading blocks already in the vault are restored instead of recomputed (full blocks
-        only), so with a lossy codec the new blocks are computed from the decoded prefix: the
-        same state a later restore of that prefix continues from. The prompt's tail shorter than
-        a block is stored as a leaf.
+        only, up to the first that cannot be read), so with a lossy codec the new blocks are
+        computed from the decoded prefix: the same state a later restore of that prefix continues
+        from. The prompt's tail shorter than a block is stored as a leaf. Another process may be
+        storing the same blocks meanwhile with other bytes: whichever file is complete first stays.
         """
         toks, ns, spans, keys, have = self._store_plan(lm, tokens, "warm a prompt")
         done = 0  # leading chunks already stored (full blocks: restorable as a start)
         while done < len(keys) and keys[done] in have and spans[done][1] - spans[done][0] == self.block_size:
             done += 1
         cache, reused = make_prompt_cache(lm.model), 0
-        rows = [self.index.chunk(k) for k in keys[:done]]
-        if done and None not in rows and not all(k in have for k in keys):
-            items, bad = self._load(rows)
-            if bad:  # quarantined: store those chunks again
-                have = self.index.existing(keys)
-            else:
-                reused = spans[done - 1][1]
+        if done and not all(k in have for k in keys):
+            rows = [self.index.chunk(k) for k in keys[:done]]
+            rows = rows[: rows.index(None)] if None in rows else rows
+            items, _, _ = self._load(rows, toks)
+            if items:
+                reused = spans[len(items) - 1][1]
                 cache = caches.restore_cache(lm.model, [i.payload for i in items], reused)
+            have = self.index.existing(keys)  # chunks dropped as unreadable are stored again
         res = StoreResult(ns.id, len(toks), len(keys), 0, 0, reused, 0.0, 0.0, 0.0, 0)
         if not all(k in have for k in keys):
             for i, (start, end) in enumerate(spans):
@@ -392,9 +467,11 @@ class Vault:
                 res.prefill_s += time.perf_counter() - t0
                 log.debug("prefilled tokens [%d, %d) in %.0f ms", start, end, (time.perf_counter() - t0) * 1e3)
                 if keys[i] not in have:
-                    self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res)
-        self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])
-        res.evicted = len(self.disk.enforce(self.index, self.ram.discard))
+                    self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res, at=end)
+        added = self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])
+        if added:
+            ledger.record_added(self.root, added)
+        res.evicted = self._enforce_cap()
         log.info("warmed %d tokens: %d of %d chunks written (%d bytes), %d tokens restored, %d evicted",
                  res.tokens, res.written, res.chunks, res.bytes_written, res.tokens_reused, res.evicted)
         return res
@@ -403,15 +480,39 @@ class Vault:
         """Store a live cache whose first rows are `tokens` (e.g. after a generation, when it
         also holds the answer). Only blocks not yet stored are encoded.
 
-        Only layers that still hold every block's rows can be saved after the fact (KVCache);
-        a ring that dropped rows, or recurrent state that moved on, raises: warm those instead.
+        The cache must be the model's default kind (make_prompt_cache(model)): that is what the
+        vault stores and restores. KV layers can be saved after the fact; recurrent state
+        (ArraysCache) only for the block ending where the cache is now, so a prompt whose other
+        blocks are not stored yet must be warmed (warm() stores the state at every block end).
         """
         toks, ns, spans, keys, have = self._store_plan(lm, tokens, "store a cache")
+        layout = caches.layer_layout(cache)
+        default = ns.descriptor["layout"]["layers"]
+        if layout != default:
+            kinds = sorted({lay["type"] for lay in layout} ^ {lay["type"] for lay in default}) or ["parameters"]
+            raise VaultSettingsError(
+                f"this cache differs from the model's default cache ({', '.join(kinds)}); the vault stores and "
+                "restores the default one (make_prompt_cache(model)): save that (convert after restoring, "
+                "e.g. cache[i].to_quantized())")
+        todo = [i for i, k in enumerate(keys) if k not in have]
+        at = None
+        if caches.block_ends_only(layout) and todo:
+            at = caches.position(cache)
+            if at is None:
+                raise VaultSettingsError("this model's cache records no token position (only recurrent state), "
+                                         "so the vault cannot tell which token its state belongs to: warm the "
+                                         "prompt instead (Vault.warm / promptvault warm)")
+            wrong = [spans[i] for i in todo if spans[i][1] != at]
+            if wrong:
+                raise VaultSettingsError(
+                    f"this model keeps recurrent state, which the cache holds only for token {at}; the blocks "
+                    f"ending at {', '.join(str(e) for _, e in wrong)} are not stored: warm the prompt instead "
+                    "(Vault.warm / promptvault warm stores the state at every block end)")
         res = StoreResult(ns.id, len(toks), len(keys), 0, 0, 0, 0.0, 0.0, 0.0, 0)
-        for i, (start, end) in enumerate(spans):
-            if keys[i] not in have:
-                self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res)
-        res.evicted = len(self.disk.enforce(self.index, self.ram.discard))
+        for i in todo:
+            start, end = spans[i]
+            self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res, at=at)
+        res.evicted = self._enforce_cap()
         return res
 
     def _store_plan(self, lm, tokens, action: str):
@@ -430,9 +531,9 @@ class Vault:
         return [(s, min(s + self.block_size, n)) for s in range(0, n, self.block_size)]
 
     def _store(self, ns: Namespace, cache: list, toks: np.ndarray, start: int, end: int, key: str,
-               parent: str | None, res: StoreResult) -> None:
+               parent: str | None, res: StoreResult, at: int | None = None) -> None:
         t0 = time.perf_counter()
-        payload = caches.encode_block(cache, start, end, self.codec)
+        payload = caches.encode_block(cache, start, end, self.codec, at=at)
         if not payload.complete:
             raise VaultSettingsError(f"the cache no longer holds every row of tokens [{start}, {end}) "
                                      "(a ring dropped them): warm the prompt instead of saving it")
@@ -441,36 +542,41 @@ class Vault:
         if self.disk.cap is not None and payload.nbytes > self.disk.cap:
             raise CapTooSmallError(f"disk cap of {self.disk.cap} bytes is smaller than one block "
                                    f"({payload.nbytes} bytes): raise the cap or lower the block size")
-        if payload.meta["layout"] != ns.descriptor["layout"]["layers"]:
-            raise VaultSettingsError("this cache's layer layout differs from the model's default cache "
-                                     "(e.g. a max_kv_size ring): store it with warm() instead")
         meta = {k: v for k, v in payload.meta.items() if k not in ("layout", "codec")}  # in "namespace"
-        chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start}
+        chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start,
+                 "created": time.time()}
         arrays = {**payload.arrays, _TOKENS: mx.array(toks[start:end], dtype=mx.uint32)}
         rel = relpath(key)
+        shard_meta = {"format": SHARD_FORMAT, "chunk": canonical_json(chunk),
+                      "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)}
         try:
-            nbytes, checksum = write_shard(self.shards / rel, arrays, {
-                "format": SHARD_FORMAT, "chunk": canonical_json(chunk),
-                "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)})
-        except OSError as e:  # disk full, file too large, I/O error: the temp file is gone already
-            raise VaultPathError(f"cannot write to vault {self.root}: {e.strerror or e} "
+            try:
+                written = write_shard(self.shards / rel, arrays, shard_meta)
+            except CorruptShard:  # the file already under this key is damaged: set it aside, publish ours
+                self._quarantine(key, self.shards / rel)
+                written = write_shard(self.shards / rel, arrays, shard_meta)
+        except (OSError, CorruptShard) as e:  # disk full, file too large, I/O error: the temp file is gone
+            raise VaultPathError(f"cannot write to vault {self.root}: {getattr(e, 'strerror', None) or e} "
                                  f"(after {res.written} new chunks; entries stored before are intact)") from None
         try:
             self.index.add_namespace(ns)
-            inserted = self.index.add_chunk(
-                {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": nbytes,
-                 "checksum": checksum}, snapshot=exact_only(ns))
+            self.index.add_chunk(
+                {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": written.nbytes,
+                 "checksum": written.checksum}, snapshot=exact_only(ns))
         except sqlite3.OperationalError as e:  # e.g. the index cannot grow on a full disk
-            if self.index.chunk(key) is None:
-                (self.shards / rel).unlink(missing_ok=True)  # not indexed: do not leave it behind
+            if written.published and self.index.chunk(key) is None:
+                (self.shards / rel).unlink(missing_ok=True)  # ours and not indexed: do not leave it behind
             raise VaultPathError(f"cannot write to vault {self.root} index: {e} "
                                  f"(after {res.written} new chunks; entries stored before are intact)") from None
-        self.ram.put(key, _Loaded(payload, payload.nbytes, np.asarray(toks[start:end], dtype=np.int64)),
-                     payload.nbytes)
         res.write_s += time.perf_counter() - t1
-        if inserted:
+        if written.published:  # the RAM tier holds only the bytes the file holds
+            self.ram.put(key, _Loaded(payload, payload.nbytes, np.asarray(toks[start:end], dtype=np.int64)),
+                         payload.nbytes)
             res.written += 1
-            res.bytes_written += nbytes
+            res.bytes_written += written.nbytes
+        else:
+            self.ram.discard(key)
+            log.debug("chunk %s was stored by another writer first: its file stays", key[:12])
 
     # maintenance
 
@@ -490,20 +596,58 @@ class Vault:
         }
 
     def verify(self) -> dict:
-        """Read and check every indexed shard; quarantine the bad ones."""
-        checked, bad = 0, []
-        for row in self.index.all_chunks():
+        """Check every shard file under shards/, indexed or not, against its own checksum.
+
+        Bad files are quarantined; files the index does not list are adopted when they check out
+        (an index that lost rows); rows whose files are gone are dropped. Returns the counts and
+        keys of each."""
+        rows = {r["file"]: r for r in self.index.all_chunks()}
+        checked, ok, bad, adopted = 0, 0, [], []
+        for path in self._shard_files():
+            rel = str(path.relative_to(self.shards))
+            row = rows.pop(rel, None)
+            if row is None:
+                if not self.read_only:
+                    try:
+                        self._index_file(path)
+                    except (CorruptShard, KeyError, ValueError, TypeError, OSError):
+                        pass
+                row = self.index.chunk(path.stem) if not self.read_only else None
+                if row is None:  # unreadable header (or read-only): check it as a stranger
+                    row = {"key": path.stem, "file": rel, "checksum": ""}
+                else:
+                    adopted.append(path.stem)
             checked += 1
-            if self._read(row) is None:
+            _, problem = self._read(row)
+            if problem is None:
+                ok += 1
+            elif problem == "quarantined":
                 bad.append(row["key"])
-        return {"checked": checked, "ok": checked - len(bad), "bad": bad}
+        missing = [r["key"] for r in rows.values()]
+        if missing and not self.read_only:
+            self.index.delete_chunks(missing)
+        return {"checked": checked, "ok": ok, "bad": bad, "adopted": adopted, "missing": missing}
+
+    def _any_shard_file(self) -> bool:
+        return self.shards.is_dir() and any(not p.name.startswith(".tmp-") for p in self.shards.glob(f"*/*/*{SUFFIX}"))
+
+    def _shard_files(self) -> list[Path]:
+        return sorted(p for p in self.shards.glob(f"*/*/*{SUFFIX}") if not p.name.startswith(".tmp-"))
 
     def reindex(self) -> dict:
-        """Rebuild the index from the shard files alone (headers read, bytes checked on use)."""
+        """Rebuild the index from the shard files alone (headers read, bytes checked on use).
+
+        Warmed-prompt labels come back from the ledger (ledger.py), creation times from the shard
+        headers, recency from the files' mtimes; hit counts and recency the old index still holds
+        are carried over when it is readable."""
         self.require_writable("rebuild its index")
         return self._reindex()
 
     def _reindex(self) -> dict:
+        try:
+            usage = self.index.usage()
+        except sqlite3.DatabaseError:
+            usage = {}
         try:
             self.index.clear()
         except sqlite3.DatabaseError as e:
@@ -514,17 +658,19 @@ class Vault:
             self.index = Index(self.root / "index.sqlite")
         self.ram.clear()
         files, bad = 0, 0
-        for path in sorted(self.shards.glob(f"*/*/*{SUFFIX}")):
-            if path.name.startswith(".tmp-"):
-                continue
+        for path in self._shard_files():
             files += 1
             try:
                 self._index_file(path)
             except (CorruptShard, KeyError, ValueError, TypeError, OSError):
                 bad += 1
                 self._quarantine(path.stem, path)
+        self.index.restore_usage(usage)
+        for rec in ledger.replay(self.root):
+            self.index.add_warmed(**rec)
+        self._drop_stale_warmed()
         return {"files": files, "indexed": files - bad, "quarantined": bad,
-                "namespaces": len(self.index.namespaces())}
+                "namespaces": len(self.index.namespaces()), "warmed": len(self.index.warmed())}
 
     def _index_file(self, path: Path) -> None:
         meta, checksum, tokens = read_metadata(path, _TOKENS)
@@ -534,13 +680,93 @@ class Vault:
         ns = Namespace.from_descriptor(compact.unpack(meta["namespace"]))
         if ns.id != chunk["namespace"] or path.name != f"{chunk['key']}{SUFFIX}":
             raise CorruptShard("shard metadata does not match its name or namespace")
+        st = path.stat()
         self.index.add_namespace(ns)
-        self.index.add_chunk({**chunk, "tokens": tokens_to_bytes(tokens),
-                              "file": str(path.relative_to(self.shards)), "bytes": path.stat().st_size,
-                              "checksum": checksum}, snapshot=exact_only(ns))
+        self.index.add_chunk({"created": st.st_mtime, **chunk, "last_used": st.st_mtime,
+                              "tokens": tokens_to_bytes(tokens), "file": str(path.relative_to(self.shards)),
+                              "bytes": st.st_size, "checksum": checksum}, snapshot=exact_only(ns))
 
-    def gc(self) -> dict:
-        """Tidy up: stale temp files, rows whose files are gone, unindexed files, the disk cap."""
+    def _drop_stale_warmed(self) -> None:
+        """Forget warmed prompts whose last chunk is gone (evicted, removed, quarantined)."""
+        warmed = self.index.warmed()
+        live = self.index.existing([w["last_key"] for w in warmed])
+        stale = [w for w in warmed if w["last_key"] not in live]
+        if stale:
+            self.index.delete_warmed([w["id"] for w in stale])
+            if not self.read_only:
+                ledger.record_removed(self.root, stale)
+
+    # caps
+
+    def _check_cap(self, cap: int | None) -> None:
+        """Refuse (before anything is evicted) a cap smaller than the largest stored chunk: it could
+        never hold even one block, so enforcing it would only empty the vault."""
+        span = self.index.chunk_bytes_range() if cap is not None else None
+        if span is not None and cap < span[1]:
+            raise CapTooSmallError(f"a disk cap of {cap:,} bytes is smaller than one stored block ({span[1]:,} "
+                                   "bytes); nothing was evicted (to empty the vault: promptvault rm --all)")
+
+    def _enforce_cap(self, evict_all: bool = False) -> int:
+        """Evict down to the disk cap; returns how many chunks went. A cap that leaves no room for
+        even the smallest chunk beside the index and other files would evict every chunk: that
+        needs evict_all=True, and is refused otherwise before anything is evicted."""
+        cap = self.disk.cap
+        if cap is None:
+            return 0
+        self._check_cap(cap)
+        span = self.index.chunk_bytes_range()
+        if span is None:
+            return 0
+        self.index.checkpoint()  # the WAL counts, and deleting rows writes to it
+        total = disk_usage(self.root)
+        if total <= cap:
+            return 0
+        fixed = total - disk_usage(self.shards)
+        if cap < fixed + span[0] and not evict_all:
+            raise CapTooSmallError(f"a disk cap of {cap:,} bytes would evict every stored chunk (the index and "
+                                   f"other files take {fixed:,} bytes); nothing was evicted: raise the cap, or "
+                                   "pass --evict-all (evict_all=True) to empty the vault")
+        evicted = self.disk.enforce(self.index, self.ram.discard)
+        if evicted:  # forgetting their warmed prompts writes too (index, ledger): measure again
+            self._drop_stale_warmed()
+            evicted += self.disk.enforce(self.index, self.ram.discard)
+        return len(evicted)
+
+    def configure(self, **settings) -> dict:
+        """Store caps in the vault (vault.json), used by every later open that does not pass its
+        own: disk_cap (bytes or None for no cap), ram_cap (bytes). Returns the stored settings."""
+        self.require_writable("change its settings")
+        unknown = set(settings) - {"disk_cap", "ram_cap"}
+        if unknown:
+            raise VaultSettingsError(f"unknown vault settings: {', '.join(sorted(unknown))}")
+        for name, value in settings.items():
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise VaultSettingsError(f"{name} must be a number of bytes >= 0, got {value!r}")
+        if settings.get("disk_cap") is not None:
+            self._check_cap(settings["disk_cap"])
+        if settings.get("ram_cap") is None and "ram_cap" in settings:
+            raise VaultSettingsError("ram_cap must be a number of bytes (0 turns the RAM tier off)")
+        path = self.root / "vault.json"
+        with open(self.root / "index.sqlite.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = json.loads(path.read_text())
+            current.update(settings)
+            tmp = path.with_name(f".vault.json.{os.getpid()}.tmp")
+            fd = os.open(tmp, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(current, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        if "disk_cap" in settings:
+            self.disk.cap = settings["disk_cap"]
+        if "ram_cap" in settings:
+            self.ram.cap = settings["ram_cap"]
+        return {k: current.get(k) for k in ("block_size", "disk_cap", "ram_cap")}
+
+    def gc(self, *, evict_all: bool = False, empty_quarantine: bool = False) -> dict:
+        """Tidy up: stale temp files, rows whose files are gone, unindexed files, the disk cap, and
+        (empty_quarantine) the files set aside in quarantine/."""
         self.require_writable("tidy it up")
         now = time.time()
         temps = 0
@@ -551,47 +777,62 @@ class Vault:
                     temps += 1
             except OSError:
                 pass
+        self._check_cap(self.disk.cap)
         rows = self.index.all_chunks()
         gone = [r["key"] for r in rows if not (self.shards / r["file"]).exists()]
         self.index.delete_chunks(gone)
         known = {r["file"] for r in rows}
         adopted = 0
-        for path in self.shards.glob(f"*/*/*{SUFFIX}"):
-            if path.name.startswith(".tmp-") or str(path.relative_to(self.shards)) in known:
+        for path in self._shard_files():
+            if str(path.relative_to(self.shards)) in known:
                 continue
             try:
                 self._index_file(path)
                 adopted += 1
             except (CorruptShard, KeyError, ValueError, TypeError, OSError):
                 self._quarantine(path.stem, path)
-        live = self.index.existing([w["last_key"] for w in self.index.warmed()])
-        self.index.delete_warmed([w["id"] for w in self.index.warmed() if w["last_key"] not in live])
-        evicted = self.disk.enforce(self.index, self.ram.discard)
+        self._drop_stale_warmed()
+        evicted = self._enforce_cap(evict_all)
+        cleared = 0
+        qdir = self.root / "quarantine"
+        if empty_quarantine and qdir.is_dir():
+            for path in qdir.iterdir():
+                try:
+                    path.unlink()
+                    cleared += 1
+                except OSError:
+                    pass
         return {"temp_files_removed": temps, "rows_dropped": len(gone), "files_adopted": adopted,
-                "evicted": len(evicted)}
+                "evicted": evicted, "quarantine_removed": cleared}
 
     def rm(self, *, namespace: str | None = None, label: str | None = None, everything: bool = False) -> int:
         """Remove stored chunks; returns how many.
 
         namespace: every chunk of that namespace (an id or unique id prefix).
         label: the warmed prompts with that label, and their chunks that no other warmed prompt
-            or longer chunk still uses.
+            or longer chunk still uses (an unknown label raises VaultSettingsError).
         everything: all chunks of all namespaces.
         """
         if sum(x is not None and x is not False for x in (namespace, label, everything)) != 1:
             raise VaultSettingsError("rm needs exactly one of: namespace, label, everything")
         self.require_writable("remove chunks")
+        warmed = self.index.warmed()
         if everything:
             doomed = [r["key"] for r in self.index.all_chunks()]
-            self.index.delete_warmed([w["id"] for w in self.index.warmed()])
+            gone = warmed
         elif namespace is not None:
             ids = [n["id"] for n in self.index.namespaces() if n["id"].startswith(namespace)]
             if len(ids) != 1:
                 raise VaultSettingsError(f"namespace {namespace!r} matches {len(ids)} namespaces")
             doomed = [r["key"] for r in self.index.all_chunks(ids[0])]
-            self.index.delete_warmed([w["id"] for w in self.index.warmed() if w["namespace"] == ids[0]])
+            gone = [w for w in warmed if w["namespace"] == ids[0]]
         else:
-            doomed = self._label_chunks(label)
+            gone = [w for w in warmed if w["label"] == label]
+            if not gone:
+                raise VaultSettingsError(f"no warmed prompt is labelled {label!r} (see: promptvault ls)")
+            doomed = self._label_chunks(label, warmed)
+        self.index.delete_warmed([w["id"] for w in gone])
+        ledger.record_removed(self.root, gone)
         for key in doomed:
             row = self.index.chunk(key)
             if row is not None:
@@ -601,8 +842,7 @@ class Vault:
             self.ram.discard(key)
         return len(doomed)
 
-    def _label_chunks(self, label: str) -> list[str]:
-        warmed = self.index.warmed()
+    def _label_chunks(self, label: str, warmed: list[dict]) -> list[str]:
         mine = [w for w in warmed if w["label"] == label]
         keep: set[str] = set()
         for w in warmed:
@@ -612,7 +852,6 @@ class Vault:
         for w in mine:
             candidates.update(self._ancestors(w["last_key"]))
         candidates -= keep
-        self.index.delete_warmed([w["id"] for w in mine])
         doomed: list[str] = []
         changed = True
         while changed:  # remove from the leaves inwards; a chunk others extend stays
