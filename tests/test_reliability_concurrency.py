@@ -11,6 +11,7 @@ from pathlib import Path
 from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, is_long, pv, record,
                                      shard_files, temp_files, text, tokens)
 from promptvault.vault import Vault
+from promptvault.vault.shards import read_shard
 from promptvault.vault.tiers import disk_usage
 from promptvault.vault.vault import _chain_keys
 
@@ -100,3 +101,48 @@ def test_disk_cap_holds_under_concurrent_writers(smollm, tmp_path, request):
     assert {r["file"] for r in rows} == shard_files(vault) and not temp_files(vault)
     record("disk cap, concurrent writers", injected=0, detected=0, repaired=0, wrong_outputs=0, data_lost=0,
            processes=n, cap_bytes=cap, used_bytes=used, block_bytes=block, evicted=evicted)
+
+
+def test_lossy_concurrent_warms_keep_one_set_of_bytes_per_chunk(smollm, tmp_path, request):
+    """The default (lossy) codec: a process that restored the shared prefix from its lossy copy
+    computes other bytes for the later blocks than one that prefilled them, so two writers of
+    one key disagree. The first complete file must win and the index must agree with it: no
+    chunk quarantined that nothing damaged, each stored once, each prompt restorable in full.
+    (Lossless text equality hid this: both writers computed the same bytes.)"""
+    import random
+
+    rounds, n = (20, 8) if is_long(request) else (1, 4)
+    base = text(0, 1000)
+    prompts = []
+    for k in range(n):
+        p = tmp_path / f"q{k}.txt"
+        p.write_text(base + f" Question {k}: " + text(3000 + 500 * k, 120))
+        prompts.append(p)
+    quarantined = chunks = 0
+    for r in range(rounds):
+        rng = random.Random(r)
+        vault = tmp_path / f"vault{r}"
+        procs = [_spawn(f"sleep {rng.uniform(0, 6):.2f}; {EXE} warm {p} --vault {vault} --block-size {BLOCK} --json")
+                 for p in prompts]
+        outs = [(p.wait(timeout=900), *p.communicate()) for p in procs]
+        for rc, _, err in outs:
+            assert rc == 0 and "Traceback" not in err, err
+        with Vault(vault) as v:
+            rows = v.index.all_chunks()
+            report = v.verify()
+            assert report["bad"] == []
+            assert report["missing"] == [] and report["adopted"] == []
+            assert not (vault / "quarantine").exists() or not any((vault / "quarantine").iterdir())
+            for row in rows:  # the index agrees with the file that won
+                assert read_shard(vault / "shards" / row["file"]).checksum == row["checksum"]
+            for p in prompts:
+                toks = tokens(smollm, p.read_text())
+                res = v.restore(smollm, toks)
+                assert (res.tokens_reused, res.quarantined, res.missing) == (len(toks) - 1, [], [])
+        keys = [r["key"] for r in rows]
+        assert len(keys) == len(set(keys)) and {r["file"] for r in rows} == shard_files(vault)
+        assert not temp_files(vault)
+        quarantined += len(report["bad"])
+        chunks += len(keys)
+    record("concurrent lossy warms", injected=0, detected=0, repaired=0, wrong_outputs=0, data_lost=quarantined,
+           processes=n, rounds=rounds, chunks=chunks)
