@@ -1,11 +1,12 @@
-"""Verbs that look after a vault: ls, stats, inspect, verify, gc, rm, reindex."""
+"""Verbs that look after a vault: ls, stats, inspect, verify, gc, rm, reindex, config."""
 
 import json
 import time
+from pathlib import Path
 
 import click
 
-from promptvault.cli.common import json_option, open_vault, vault_options
+from promptvault.cli.common import ByteSize, json_option, open_vault, vault_options
 from promptvault.errors import PromptvaultError
 from promptvault.tables import format_table
 from promptvault.vault.sizes import fp16_bytes_per_token
@@ -118,29 +119,64 @@ def inspect_cmd(ref, vault_path, block_size, ram_cap, disk_cap, as_json):
 @vault_options
 @json_option
 def verify_cmd(vault_path, block_size, ram_cap, disk_cap, as_json):
-    """Read every shard and check its checksum; quarantine the corrupt ones."""
+    """Check every shard file (indexed or not); quarantine the corrupt, adopt the unindexed."""
     with open_vault(vault_path, block_size, ram_cap, disk_cap) as vault:
         result = vault.verify()
     report = {"checked": result["checked"], "corrupt": len(result["bad"]), "quarantined": len(result["bad"]),
-              "bad_keys": result["bad"]}
-    _echo(report, as_json, lambda r: f"checked {r['checked']} chunks: {r['corrupt']} corrupt, {r['quarantined']} quarantined")
+              "adopted": len(result["adopted"]), "missing": len(result["missing"]), "bad_keys": result["bad"]}
+    _echo(report, as_json, lambda r: (f"checked {r['checked']} chunks: {r['corrupt']} corrupt, {r['quarantined']} "
+                                      f"quarantined, {r['adopted']} unindexed adopted, {r['missing']} missing files"))
     if report["corrupt"]:
         raise SystemExit(1)
 
 
 @click.command("gc")
-@click.option("--max-bytes", type=str, default=None, help="Shrink the vault to this size now (e.g. 1G).")
+@click.option("--max-bytes", type=ByteSize(), default=None, help="Shrink the vault to this size now (e.g. 1G).")
+@click.option("--evict-all", is_flag=True, help="Allow a cap so small that every chunk is evicted.")
+@click.option("--empty-quarantine", is_flag=True, help="Delete the damaged files kept in quarantine/.")
 @vault_options
 @json_option
-def gc_cmd(max_bytes, vault_path, block_size, ram_cap, disk_cap, as_json):
-    """Remove temp files and stale rows, adopt orphan shards, and evict down to the disk cap."""
-    from promptvault.cli.common import ByteSize
+def gc_cmd(max_bytes, evict_all, empty_quarantine, vault_path, block_size, ram_cap, disk_cap, as_json):
+    """Remove temp files and stale rows, adopt orphan shards, and evict down to the disk cap.
 
-    cap = ByteSize().convert(max_bytes, None, None) if max_bytes is not None else disk_cap
+    A cap smaller than one stored block is refused, and one that would evict every chunk needs
+    --evict-all (to empty a vault: promptvault rm --all)."""
+    cap = max_bytes if max_bytes is not None else disk_cap
     with open_vault(vault_path, block_size, ram_cap, cap) as vault:
-        result = vault.gc()
+        result = vault.gc(evict_all=evict_all, empty_quarantine=empty_quarantine)
         result["bytes_on_disk"] = vault.stats()["disk_bytes"]
     _echo(result, as_json, lambda r: ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in r.items()))
+
+
+class _Cap(ByteSize):
+    """A byte size, or `none` (kept as that word: no cap)."""
+
+    def convert(self, value, param, ctx):
+        if str(value).lower() == "none":
+            return "none"
+        return super().convert(value, param, ctx)
+
+
+@click.command("config")
+@click.option("--disk-cap", "new_disk_cap", type=_Cap(), default=None, help="Disk cap kept by the vault (e.g. 10G, or none).")
+@click.option("--ram-cap", "new_ram_cap", type=ByteSize(), default=None, help="RAM tier cap kept by the vault (e.g. 512M).")
+@click.option("--vault", "vault_path", type=click.Path(path_type=Path), default=None,
+              help="Vault directory [default: $PROMPTVAULT_HOME or ~/.cache/promptvault].")
+@json_option
+def config_cmd(new_disk_cap, new_ram_cap, vault_path, as_json):
+    """Show or store the vault's caps; every later command uses them unless given its own.
+
+    Example: promptvault config --disk-cap 20G --ram-cap 1G"""
+    changes = {}
+    if new_disk_cap is not None:
+        changes["disk_cap"] = None if new_disk_cap == "none" else new_disk_cap
+    if new_ram_cap is not None:
+        changes["ram_cap"] = new_ram_cap
+    with open_vault(vault_path, None, None, None) as vault:
+        settings = vault.configure(**changes) if changes else {
+            "block_size": vault.block_size, "disk_cap": vault.disk.cap, "ram_cap": vault.ram.cap}
+    _echo(settings, as_json, lambda r: "\n".join(f"{k.replace('_', ' '):<11}{'none' if v is None else f'{v:,}'}"
+                                                 for k, v in r.items()))
 
 
 @click.command("rm")
@@ -168,4 +204,4 @@ def reindex_cmd(vault_path, block_size, ram_cap, disk_cap, as_json):
     _echo(result, as_json, lambda r: ", ".join(f"{k}: {v}" for k, v in r.items()))
 
 
-COMMANDS = [ls_cmd, stats_cmd, inspect_cmd, verify_cmd, gc_cmd, rm_cmd, reindex_cmd]
+COMMANDS = [ls_cmd, stats_cmd, inspect_cmd, verify_cmd, gc_cmd, rm_cmd, reindex_cmd, config_cmd]

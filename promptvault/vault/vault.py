@@ -268,7 +268,7 @@ class Vault:
         result = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none", look.seconds, 0.0, 0.0)
         if not look.tokens_reused:
             if look.namespace:
-                result.note = self._other_namespace_note(lm, toks, look.namespace)
+                result.note = self._other_namespace_note(toks, self.namespace(lm))
                 if result.note:
                     log.warning("%s", result.note)
             return result
@@ -324,25 +324,23 @@ class Vault:
             except OSError:
                 pass
 
-    def _other_namespace_note(self, lm, toks: np.ndarray, namespace: str) -> str | None:
+    def _other_namespace_note(self, toks: np.ndarray, ns: Namespace) -> str | None:
         """Why a prompt found nothing: another namespace of this vault (another model, codec or KV
         dtype) holds its first block. None when no other namespace does, or the prompt is shorter
         than a block."""
         if len(toks) <= self.block_size:
             return None
-        mine = next((n["descriptor"] for n in self.index.namespaces() if n["id"] == namespace), None)
         for other in self.index.namespaces():
-            if other["id"] == namespace:
-                continue
             desc = other["descriptor"]
+            if other["id"] == ns.id:
+                continue
             first = chunk_key(None, Namespace.from_descriptor(desc).digest, toks[: self.block_size])
             if self.index.existing([first]):
-                diff = [k for k in ("model", "codec", "kv_dtype", "layout")
-                        if mine is None or desc.get(k) != mine.get(k)]
                 what = {"model": "another model", "codec": "another codec (--key-bits/--value-bits/--quality)",
                         "kv_dtype": "another KV dtype", "layout": "another cache layout"}
+                diff = [text for k, text in what.items() if desc.get(k) != ns.descriptor.get(k)]
                 return (f"nothing reused: this prompt is stored under namespace {other['id'][:12]} with "
-                        f"{', '.join(what[k] for k in diff) or 'other settings'} than this run's")
+                        f"{', '.join(diff) or 'other settings'} than this run's")
         return None
 
     def _load(self, rows: list[dict], toks: np.ndarray | None = None
