@@ -112,7 +112,7 @@ def test_ls_stats_inspect_verify(warmed):
     key = info["entries"][0]["chain"][1]["key"]
     assert ok_json("inspect", key[:16], "--vault", vault)["chunk"]["key"] == key
     assert ok_json("verify", "--vault", vault) == {"checked": stats["chunks"], "corrupt": 0, "quarantined": 0,
-                                                    "bad_keys": []}
+                                                    "adopted": 0, "missing": 0, "bad_keys": []}
 
 
 def test_verify_quarantines_a_flipped_byte_and_exits_nonzero(smollm, doc, tmp_path):
@@ -138,7 +138,8 @@ def test_gc_rm_reindex(smollm, doc, tmp_path):
         Path(f"{vault / 'index.sqlite'}{suffix}").unlink(missing_ok=True)
     rebuilt = ok_json("reindex", "--vault", vault)
     assert rebuilt["indexed"] == chunks
-    gc = ok_json("gc", "--vault", vault, "--max-bytes", "1")
+    assert cli("gc", "--vault", vault, "--max-bytes", "1").exit_code == 1  # below one block: refused
+    gc = ok_json("gc", "--vault", vault, "--max-bytes", "800K", "--evict-all")
     assert gc["evicted"] == chunks
     ok_json("warm", doc, "--vault", vault, "--block-size", 128, "--label", "doc")
     assert ok_json("rm", "doc", "--vault", vault)["removed_chunks"] == chunks

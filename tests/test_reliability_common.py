@@ -1,6 +1,7 @@
 """Shared helpers of the reliability (fault) suite: real `promptvault` processes on real vault
 directories, the real default model (SmolLM2-135M), lossless codecs wherever text is compared with
-a cold run (so equality is exact). No tests here.
+a cold run (so equality is exact), and the default (lossy) codec where two writers of one chunk
+can compute different bytes (outputs then compared with a restore of the same chunks). No tests here.
 
 Each test records what it injected into the JSON-lines file named by $PROMPTVAULT_RELIABILITY_REPORT
 (if set); `scripts/reliability_report.py` runs `pytest --long` with it and prints the totals.
@@ -59,9 +60,9 @@ def cold_text(lm, toks) -> str:
     return run_prompt(lm, toks, vault=None, max_tokens=MAX_TOKENS).text
 
 
-def vault_run(lm, path, toks, **vault_kw):
-    """Generate from the vault (lossless codec), storing nothing: (text, tokens reused)."""
-    with Vault(path, codec=CODEC, **vault_kw) as vault:
+def vault_run(lm, path, toks, codec=CODEC, **vault_kw):
+    """Generate from the vault (lossless codec unless given), storing nothing: (text, tokens reused)."""
+    with Vault(path, codec=codec, **vault_kw) as vault:
         r = run_prompt(lm, toks, vault=vault, save=False, max_tokens=MAX_TOKENS)
     return r.text, r.reused_tokens
 

@@ -18,7 +18,7 @@ import pytest
 
 from test_reliability_common import (BLOCK, CODEC, LOSSLESS, MAX_TOKENS, QUESTION, cold_text, index_rows, is_long, pv,
                                      record, text, tokens, vault_run)
-from promptvault.vault import Vault
+from promptvault.vault import DEFAULT_CODEC, Vault
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,54 @@ def test_random_byte_flips_in_shards(base, tmp_path, request):
         shutil.rmtree(vault)
     assert detected == repaired == n and wrong == lost == 0
     record("byte flip in a shard", injected=n, detected=detected, repaired=repaired, wrong_outputs=wrong,
+           data_lost=lost)
+
+
+@pytest.fixture(scope="module")
+def lossy(smollm, tmp_path_factory):
+    """The same document warmed with the default (lossy) codec."""
+    root = tmp_path_factory.mktemp("corrupt-lossy")
+    doc = root / "doc.txt"
+    doc.write_text(text(0, 1300))
+    vault = root / "vault"
+    pv("warm", doc, "--vault", vault, "--block-size", BLOCK, check=True)
+    return {"lm": smollm, "vault": vault, "q_toks": tokens(smollm, doc.read_text() + QUESTION),
+            "rows": index_rows(vault)}
+
+
+def test_random_byte_flips_in_shards_default_codec(lossy, tmp_path, request):
+    """A flipped byte in a lossy vault: the damaged chunk (and only it) is quarantined, and the
+    answer equals a restore from the same vault with that chunk's file simply gone (the intact
+    chunks before it serve the run; no wrong bytes are ever decoded)."""
+    n = 40 if is_long(request) else 4
+    rng = random.Random(int(time.time()) + 7)
+    detected = wrong = lost = 0
+    for i in range(n):
+        vault = _copy(lossy, tmp_path / f"v{i}")
+        ref = _copy(lossy, tmp_path / f"ref{i}")
+        row = rng.choice(lossy["rows"])
+        shard = vault / "shards" / row["file"]
+        data = bytearray(shard.read_bytes())
+        n_head = 8 + int.from_bytes(data[:8], "little")
+        at = rng.randrange(n_head) if i % 2 else rng.randrange(n_head, len(data))
+        data[at] ^= rng.randrange(1, 256)
+        shard.write_bytes(bytes(data))
+        (ref / "shards" / row["file"]).unlink()
+        got = vault_run(lossy["lm"], vault, lossy["q_toks"], DEFAULT_CODEC)
+        want = vault_run(lossy["lm"], ref, lossy["q_toks"], DEFAULT_CODEC)
+        wrong += got != want
+        assert got == want, (row["file"], at)
+        with Vault(vault) as v:
+            assert v.verify()["bad"] == []  # the run already set it aside: nothing else is bad
+            left = {r["key"] for r in v.index.all_chunks()}
+        quarantined = sorted(p.name for p in (vault / "quarantine").glob("*"))
+        assert len(quarantined) == 1 and row["key"] in quarantined[0], (quarantined, row["key"])
+        lost += len({r["key"] for r in lossy["rows"]} - {row["key"]} - left)
+        detected += 1
+        shutil.rmtree(vault)
+        shutil.rmtree(ref)
+    assert wrong == lost == 0
+    record("byte flip in a shard (default codec)", injected=n, detected=detected, repaired=0, wrong_outputs=wrong,
            data_lost=lost)
 
 

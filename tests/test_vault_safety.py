@@ -243,3 +243,16 @@ def test_a_miss_says_when_another_namespace_holds_the_prompt(tmp_path, caplog):
         assert r.tokens_reused == 0 and "another codec" in r.note and "another codec" in caplog.text
         assert "model" not in r.note.split("with", 1)[1]
         assert vault.restore(lm, prompt(30, 9)).note is None  # nobody holds this one
+
+
+def test_ls_forgets_prompts_whose_chunks_were_evicted(tmp_path):
+    lm, rows = _filled(tmp_path)  # "doc" then "other": doc's chunks are the least recently used
+    with Vault(tmp_path) as vault:
+        vault.index.checkpoint()
+    cap = disk_usage(tmp_path) - 1  # doc's leaf (the least recently used chunk nothing extends) goes first
+    with Vault(tmp_path, disk_cap=cap) as vault:
+        assert 0 < vault.gc()["evicted"] <= len(rows) // 2  # at most doc's chunks
+        live = vault.index.existing([w["last_key"] for w in vault.index.warmed()])
+        assert all(w["last_key"] in live for w in vault.index.warmed())
+    out = _cli("ls", "--vault", tmp_path, "--json").output
+    assert '"doc"' not in out and '"other"' in out

@@ -150,9 +150,21 @@ def _publish(tmp: str, path: Path) -> bool:
         return True
 
 
+def _open(path: Path):
+    """Open for reading without touching the access time where the system allows it (Linux,
+    files we own): a shard's atime records its chunk's last restore (set explicitly by the
+    vault), which an index rebuild reads back, so merely reading a shard must not change it."""
+    flags = os.O_RDONLY | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:  # O_NOATIME on a file we do not own
+        fd = os.open(path, os.O_RDONLY)
+    return os.fdopen(fd, "rb")
+
+
 def read_checksum(path: Path) -> str:
     """The checksum a shard's header records (the header only; bytes are checked on use)."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         try:
             _, _, digest = _parse_header(_read_header(f))
         except (ValueError, UnicodeDecodeError) as e:
@@ -183,7 +195,7 @@ def _parse_header(buf: bytes) -> tuple[int, dict, str]:
 def read_metadata(path: Path, tensor: str) -> tuple[dict[str, str], str, np.ndarray]:
     """Header metadata, checksum and one (small) tensor, without reading or checking the rest:
     enough to index a shard. Bytes are checked when the shard is used."""
-    with open(path, "rb") as f:
+    with _open(path) as f:
         buf = _read_header(f)
         n = len(buf) - 8
         try:
@@ -202,7 +214,8 @@ def read_metadata(path: Path, tensor: str) -> tuple[dict[str, str], str, np.ndar
 
 def read_shard(path: Path) -> Shard:
     """Read and verify a shard; raises CorruptShard on any mismatch, OSError if unreadable."""
-    buf = Path(path).read_bytes()
+    with _open(path) as f:
+        buf = f.read()
     try:
         n, header, digest = _parse_header(buf)
         text = buf[8 : 8 + n].replace((_PREFIX + digest).encode(), (_PREFIX + _ZERO).encode(), 1)

@@ -317,10 +317,12 @@ class Vault:
         return []
 
     def _touch_files(self, rows: list[dict]) -> None:
-        """A file's mtime is its chunk's last use: the eviction order survives an index rebuild."""
+        """A file's access time is its chunk's last use, its modification time its creation: the
+        eviction order survives an index rebuild (reindex reads both back)."""
+        now = time.time()
         for r in rows:
             try:
-                os.utime(self.shards / r["file"])
+                os.utime(self.shards / r["file"], (now, os.stat(self.shards / r["file"]).st_mtime))
             except OSError:
                 pass
 
@@ -541,8 +543,7 @@ class Vault:
             raise CapTooSmallError(f"disk cap of {self.disk.cap} bytes is smaller than one block "
                                    f"({payload.nbytes} bytes): raise the cap or lower the block size")
         meta = {k: v for k, v in payload.meta.items() if k not in ("layout", "codec")}  # in "namespace"
-        chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start,
-                 "created": time.time()}
+        chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start}
         arrays = {**payload.arrays, _TOKENS: mx.array(toks[start:end], dtype=mx.uint32)}
         rel = relpath(key)
         shard_meta = {"format": SHARD_FORMAT, "chunk": canonical_json(chunk),
@@ -635,9 +636,9 @@ class Vault:
     def reindex(self) -> dict:
         """Rebuild the index from the shard files alone (headers read, bytes checked on use).
 
-        Warmed-prompt labels come back from the ledger (ledger.py), creation times from the shard
-        headers, recency from the files' mtimes; hit counts and recency the old index still holds
-        are carried over when it is readable."""
+        Warmed-prompt labels come back from the ledger (ledger.py), creation times from the files'
+        modification times, recency from their access times (a restore sets it); hit counts and
+        the exact times the old index holds are carried over when it is readable."""
         self.require_writable("rebuild its index")
         return self._reindex()
 
@@ -680,7 +681,7 @@ class Vault:
             raise CorruptShard("shard metadata does not match its name or namespace")
         st = path.stat()
         self.index.add_namespace(ns)
-        self.index.add_chunk({"created": st.st_mtime, **chunk, "last_used": st.st_mtime,
+        self.index.add_chunk({**chunk, "created": st.st_mtime, "last_used": max(st.st_atime, st.st_mtime),
                               "tokens": tokens_to_bytes(tokens), "file": str(path.relative_to(self.shards)),
                               "bytes": st.st_size, "checksum": checksum}, snapshot=exact_only(ns))
 
