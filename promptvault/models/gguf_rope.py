@@ -1,0 +1,93 @@
+"""RoPE scaling of a GGUF file -> the `rope_scaling` entry of an mlx-lm config.json.
+
+llama.cpp records RoPE scaling in two ways. Linear scaling is metadata
+(`<arch>.rope.scaling.type` and `.factor`). Llama 3.x's "llama3" scaling is not: llama.cpp's
+convert_hf_to_gguf writes none of its parameters (factor, low / high frequency factors,
+original context length) and instead stores what they imply, one divisor per RoPE frequency,
+as the `rope_freqs.weight` tensor (head_dim / 2 floats) that llama.cpp divides each frequency
+by. mlx-lm's llama model wants the parameters, so they are recovered from the tensor, and the
+tensor is dropped only when the recovered parameters reproduce it: otherwise the file is
+refused, because a model with subtly wrong positions still runs and only degrades on long
+prompts, where nobody would trace it back to the conversion.
+
+The tensor fixes only the ratios low_freq_factor / original context and high_freq_factor /
+original context. Every Llama 3.x release uses low_freq_factor = 1, and with it the ratios give
+the original context length and high_freq_factor themselves (8192 and 4 for Llama 3.1 / 3.2).
+"""
+
+import numpy as np
+
+from promptvault.errors import UnsupportedModelError
+from promptvault.models.gguf_file import GGUFFile
+
+ROPE_FREQS = "rope_freqs.weight"
+
+# Llama 3.1 / 3.2: convert_hf_to_gguf's defaults, tried when the tensor has too few
+# intermediate frequencies to fit the parameters from.
+_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_RTOL = 1e-5  # llama.cpp computes the factors in float32
+
+
+def llama3_factors(dims: int, base: float, scaling: dict) -> np.ndarray:
+    """The rope_freqs values convert_hf_to_gguf writes for llama3 parameters (its loop, vectorized)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        smooth = (original / wavelen - low) / (high - low)
+        medium = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
+
+
+def _fitted(factors: np.ndarray, dims: int, base: float) -> dict | None:
+    """Parameters from the intermediate frequencies: their smoothing weight is linear in 1 / wavelength."""
+    factor = float(factors.max())
+    medium = (factors > 1 + _RTOL) & (factors < factor * (1 - _RTOL))
+    if medium.sum() < 2:
+        return None
+    wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
+    slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
+    low_ratio = -intercept / slope  # low_freq_factor / original context
+    if not low_ratio > 0:
+        return None
+    original = round(1 / low_ratio)
+    high = (low_ratio + 1 / slope) * original
+    return {
+        "factor": float(f"{factor:.6g}"),
+        "low_freq_factor": 1.0,
+        "high_freq_factor": float(f"{high:.6g}"),
+        "original_max_position_embeddings": original,
+    }
+
+
+def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | None:
+    dims = int(g.arch_value("rope.dimension_count", head_dim))
+    base = float(g.arch_value("rope.freq_base", 10000.0))
+    if dims != head_dim or factors.shape != (dims // 2,):
+        raise UnsupportedModelError(
+            f"{g.path}: {ROPE_FREQS} has shape {factors.shape}, expected ({head_dim // 2},) for head_dim {head_dim}"
+        )
+    if np.allclose(factors, 1.0, rtol=0, atol=_RTOL):
+        return None  # no scaling at all
+    candidates = [_fitted(factors, dims, base), {"factor": float(f"{factors.max():.6g}"), **_LLAMA3_DEFAULTS}]
+    for scaling in filter(None, candidates):
+        if np.allclose(llama3_factors(dims, base, scaling), factors, rtol=_RTOL, atol=0):
+            return {"rope_type": "llama3", **scaling}
+    raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} does not match any llama3 RoPE scaling; cannot convert it")
+
+
+def rope_scaling(g: GGUFFile, head_dim: int) -> dict | None:
+    """mlx-lm's rope_scaling for this file (None: unscaled). Raises UnsupportedModelError otherwise."""
+    kind = g.arch_value("rope.scaling.type")
+    factor = g.arch_value("rope.scaling.factor")
+    freqs = next((t for t in g.tensors if t.name == ROPE_FREQS), None)
+    if freqs is not None:
+        if kind not in (None, "none"):
+            raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} together with RoPE scaling {kind!r} is not supported")
+        return _llama3_scaling(g, g.dequantized(freqs).reshape(-1).astype(np.float64), head_dim)
+    if kind in (None, "none") or not factor:
+        return None
+    if kind != "linear":
+        raise UnsupportedModelError(f"{g.path}: RoPE scaling {kind!r} is not supported (supported: linear, llama3)")
+    return {"rope_type": "linear", "factor": float(factor)}
