@@ -118,23 +118,57 @@ def test_rope_freqs_that_no_llama3_scaling_explains_are_refused(tmp_path):
     assert "rope_freqs.weight does not match any llama3 RoPE scaling" in _refusal(path)
 
 
-def test_rope_freqs_of_the_wrong_length_are_refused(tmp_path):
+@pytest.mark.parametrize(
+    "length, rope_dims, message",
+    [(64, 16, "rope_freqs.weight has shape (64,), expected (8,)"), (8, 8, "partial RoPE (8 of 16 dims)")],
+)
+def test_rope_freqs_that_do_not_fit_the_heads_are_refused(tmp_path, length, rope_dims, message):
     model, config = random_model("llama", tokenizer="llama-bpe")  # head_dim 16: 8 frequencies
-    path = tmp_path / "long-freqs.gguf"
-    write_gguf(path, "llama", model, config, extra=lambda w: w.add_tensor("rope_freqs.weight", np.ones(64, np.float32)))
-    assert "rope_freqs.weight has shape (64,), expected (8,)" in _refusal(path)
+
+    def freqs(w):
+        w.add_tensor("rope_freqs.weight", np.full(length, 2.0, np.float32))
+        w.add_rope_dimension_count(rope_dims)
+
+    path = tmp_path / "bad-freqs.gguf"
+    write_gguf(path, "llama", model, config, extra=freqs)
+    assert message in _refusal(path)
 
 
-def test_unsupported_rope_scaling_type_is_named(tmp_path):
-    model, config = random_model("qwen2")
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_yarn_scaling_matches_mlx_lm_and_matters(tmp_path, arch):
+    """Qwen's long-context YaRN setting, as convert_hf_to_gguf writes it (type, factor, original context)."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    model, config = random_model(arch, seed=2, rope_scaling=scaling)
     path = tmp_path / "yarn.gguf"
+    write_gguf(path, arch, model, config)
+    loaded = load_model(str(path), dtype="float32")
+    assert loaded.model.args.rope_scaling == {**scaling, "beta_fast": 32.0, "beta_slow": 1.0}
+    hf_dir = write_hf_dir(tmp_path / "hf", model, config)
+    reference, _ = mlx_lm_load_model(hf_dir)
+    assert _max_diff(loaded.model, reference) < 1e-4
+    unscaled, _ = mlx_lm_load_model(hf_dir, model_config={"rope_scaling": None})
+    assert _max_diff(loaded.model, unscaled) > 1e-2
 
-    def yarn(w):
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+
+@pytest.mark.parametrize(
+    "kind, extra, message",
+    [
+        (gguf.RopeScalingType.LONGROPE, None, "RoPE scaling 'longrope' is not supported"),
+        (gguf.RopeScalingType.YARN, lambda w: w.add_rope_scaling_yarn_log_mul(0.1), "rope.scaling.yarn_log_multiplier"),
+    ],
+)
+def test_unsupported_rope_scaling_is_named(tmp_path, kind, extra, message):
+    model, config = random_model("qwen2")
+    path = tmp_path / "scaled.gguf"
+
+    def scaling(w):
+        w.add_rope_scaling_type(kind)
         w.add_rope_scaling_factor(4.0)
+        if extra:
+            extra(w)
 
-    write_gguf(path, "qwen2", model, config, extra=yarn)
-    assert "RoPE scaling 'yarn' is not supported" in _refusal(path)
+    write_gguf(path, "qwen2", model, config, extra=scaling)
+    assert message in _refusal(path)
 
 
 def test_rope_freqs_outside_llama_arch_is_refused(tmp_path):

@@ -228,6 +228,10 @@ def write_gguf(
     elif scaling.get("rope_type") == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(scaling["factor"])
+    elif scaling.get("rope_type") == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(scaling["factor"])
+        w.add_rope_scaling_orig_ctx_len(scaling["original_max_position_embeddings"])
     for name, value in tree_flatten(model.parameters()):
         array = np.array(value.astype(mx.float32))
         if arch == "llama" and name.endswith("q_proj.weight"):

@@ -1,15 +1,18 @@
 """RoPE scaling of a GGUF file -> the `rope_scaling` entry of an mlx-lm config.json.
 
-llama.cpp records RoPE scaling in two ways. Linear scaling is metadata
-(`<arch>.rope.scaling.type` and `.factor`). Llama 3.x's "llama3" scaling is not: llama.cpp's
-convert_hf_to_gguf writes none of its parameters (factor, low / high frequency factors,
-original context length) and instead stores what they imply, one divisor per RoPE frequency,
-as the `rope_freqs.weight` tensor (head_dim / 2 floats) that llama.cpp divides each frequency
-by. mlx-lm's llama model wants the parameters, so they are recovered from the tensor, and the
-tensor is dropped only when the recovered parameters reproduce it: otherwise the file is
-refused, because a model with subtly wrong positions still runs and only degrades on long
-prompts, where nobody would trace it back to the conversion.
+Linear and YaRN scaling are GGUF metadata (`<arch>.rope.scaling.type`, `.factor`,
+`.original_context_length`, `.yarn_beta_fast/slow`). For YaRN, llama.cpp's kernel mixes the
+interpolated and original frequencies with the same floor/ceil ramp as mlx-lm's YarnRoPE and
+scales q and k by 1 + 0.1 ln(factor), as YarnRoPE does; the rarer knobs (attention factor, log
+multiplier, extrapolation factor) are refused rather than approximated.
 
+Llama 3.x's "llama3" scaling is not metadata: llama.cpp's convert_hf_to_gguf writes none of its
+parameters (factor, low / high frequency factors, original context length) and instead stores
+what they imply, one divisor per RoPE frequency, as the `rope_freqs.weight` tensor (head_dim / 2
+floats) that llama.cpp divides each frequency by. mlx-lm's llama model wants the parameters, so
+they are recovered from the tensor, and the tensor is dropped only when the recovered
+parameters reproduce it; otherwise the file is refused, because a model with subtly wrong
+positions still runs and only degrades on long prompts, where nobody would trace it back here.
 The tensor fixes only the ratios low_freq_factor / original context and high_freq_factor /
 original context. Every Llama 3.x release uses low_freq_factor = 1, and with it the ratios give
 the original context length and high_freq_factor themselves (8192 and 4 for Llama 3.1 / 3.2).
@@ -64,10 +67,12 @@ def _fitted(factors: np.ndarray, dims: int, base: float) -> dict | None:
 def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | None:
     dims = int(g.arch_value("rope.dimension_count", head_dim))
     base = float(g.arch_value("rope.freq_base", 10000.0))
-    if dims != head_dim or factors.shape != (dims // 2,):
+    if factors.shape != (head_dim // 2,):
         raise UnsupportedModelError(
             f"{g.path}: {ROPE_FREQS} has shape {factors.shape}, expected ({head_dim // 2},) for head_dim {head_dim}"
         )
+    if dims != head_dim:
+        raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} with partial RoPE ({dims} of {head_dim} dims) is not supported")
     if np.allclose(factors, 1.0, rtol=0, atol=_RTOL):
         return None  # no scaling at all
     candidates = [_fitted(factors, dims, base), {"factor": float(f"{factors.max():.6g}"), **_LLAMA3_DEFAULTS}]
@@ -75,6 +80,33 @@ def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | N
         if np.allclose(llama3_factors(dims, base, scaling), factors, rtol=_RTOL, atol=0):
             return {"rope_type": "llama3", **scaling}
     raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} does not match any llama3 RoPE scaling; cannot convert it")
+
+
+# YaRN knobs llama.cpp reads and their neutral values (ext_factor < 0 means "unset", i.e. 1):
+# any other value is refused
+_YARN_NEUTRAL = {
+    "attn_factor": lambda v: v == 1.0,
+    "yarn_log_multiplier": lambda v: v == 0.0,
+    "yarn_ext_factor": lambda v: v == 1.0 or v < 0,
+    "yarn_attn_factor": lambda v: v == 1.0,
+}
+
+
+def _yarn_scaling(g: GGUFFile, factor: float) -> dict:
+    for key, neutral in _YARN_NEUTRAL.items():
+        value = g.arch_value(f"rope.scaling.{key}")
+        if value is not None and not neutral(float(value)):
+            raise UnsupportedModelError(f"{g.path}: YaRN with rope.scaling.{key} = {value} is not supported")
+    original = g.arch_value("rope.scaling.original_context_length") or g.arch_value("context_length")
+    if not original:
+        raise UnsupportedModelError(f"{g.path}: YaRN scaling without rope.scaling.original_context_length")
+    return {
+        "rope_type": "yarn",
+        "factor": float(factor),
+        "original_max_position_embeddings": int(original),
+        "beta_fast": float(g.arch_value("rope.scaling.yarn_beta_fast", 32.0)),  # llama.cpp's defaults
+        "beta_slow": float(g.arch_value("rope.scaling.yarn_beta_slow", 1.0)),
+    }
 
 
 def rope_scaling(g: GGUFFile, head_dim: int) -> dict | None:
@@ -88,6 +120,8 @@ def rope_scaling(g: GGUFFile, head_dim: int) -> dict | None:
         return _llama3_scaling(g, g.dequantized(freqs).reshape(-1).astype(np.float64), head_dim)
     if kind in (None, "none") or not factor:
         return None
+    if kind == "yarn":
+        return _yarn_scaling(g, factor)
     if kind != "linear":
-        raise UnsupportedModelError(f"{g.path}: RoPE scaling {kind!r} is not supported (supported: linear, llama3)")
+        raise UnsupportedModelError(f"{g.path}: RoPE scaling {kind!r} is not supported (supported: linear, yarn, llama3)")
     return {"rope_type": "linear", "factor": float(factor)}
