@@ -83,9 +83,13 @@ def _required(g: GGUFFile, key: str):
     return value
 
 
+def _default_head_dim(g: GGUFFile) -> int:
+    return int(_required(g, "embedding_length")) // int(_required(g, "attention.head_count"))
+
+
 def _head_dim(g: GGUFFile) -> int:
     key_length = g.arch_value("attention.key_length")
-    return int(key_length) if key_length else int(_required(g, "embedding_length")) // int(_required(g, "attention.head_count"))
+    return int(key_length) if key_length else _default_head_dim(g)
 
 
 def _qwen2_extra(g: GGUFFile) -> dict:
@@ -96,7 +100,7 @@ def _llama_extra(g: GGUFFile) -> dict:
     """Llama 1-3, Mistral 7B / Nemo / Small (llama.cpp writes Mistral as "llama", sliding window dropped)."""
     head_dim = _head_dim(g)
     extra = {"rope_scaling": rope_scaling(g, head_dim)}
-    if head_dim != int(_required(g, "embedding_length")) // int(_required(g, "attention.head_count")):
+    if head_dim != _default_head_dim(g):
         extra["head_dim"] = head_dim
     return extra
 
@@ -135,7 +139,12 @@ def _gemma3_extra(g: GGUFFile) -> dict:
 
 ARCHITECTURES = {
     "llama": ArchSpec(
-        "llama", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, True, 0.0, _llama_extra, frozenset({ROPE_FREQS})
+        "llama",
+        {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"},
+        True,
+        0.0,
+        _llama_extra,
+        config_tensors=frozenset({ROPE_FREQS}),
     ),
     "qwen2": ArchSpec("qwen2", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, False, 0.0, _qwen2_extra),
     "qwen3": ArchSpec("qwen3", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, False, 0.0, _qwen3_extra),

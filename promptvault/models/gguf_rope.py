@@ -72,7 +72,9 @@ def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | N
             f"{g.path}: {ROPE_FREQS} has shape {factors.shape}, expected ({head_dim // 2},) for head_dim {head_dim}"
         )
     if dims != head_dim:
-        raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} with partial RoPE ({dims} of {head_dim} dims) is not supported")
+        raise UnsupportedModelError(
+            f"{g.path}: {ROPE_FREQS} with partial RoPE ({dims} of {head_dim} dims) is not supported"
+        )
     if np.allclose(factors, 1.0, rtol=0, atol=_RTOL):
         return None  # no scaling at all
     candidates = [_fitted(factors, dims, base), {"factor": float(f"{factors.max():.6g}"), **_LLAMA3_DEFAULTS}]
@@ -123,5 +125,7 @@ def rope_scaling(g: GGUFFile, head_dim: int) -> dict | None:
     if kind == "yarn":
         return _yarn_scaling(g, factor)
     if kind != "linear":
-        raise UnsupportedModelError(f"{g.path}: RoPE scaling {kind!r} is not supported (supported: linear, yarn, llama3)")
+        raise UnsupportedModelError(
+            f"{g.path}: RoPE scaling {kind!r} is not supported (supported: linear, yarn, llama3)"
+        )
     return {"rope_type": "linear", "factor": float(factor)}
