@@ -6,6 +6,8 @@ config.json, which mlx-lm loads directly. The GGUF loaded through promptvault mu
 same logits as mlx-lm's model from the directory.
 """
 
+import json
+
 import gguf
 import mlx.core as mx
 import numpy as np
@@ -176,3 +178,13 @@ def test_rope_freqs_outside_llama_arch_is_refused(tmp_path):
     path = tmp_path / "qwen3-freqs.gguf"
     write_gguf(path, "qwen3", model, config, extra=lambda w: w.add_tensor("rope_freqs.weight", np.ones(16, np.float32)))
     assert "'rope_freqs.weight' has no qwen3 equivalent" in _refusal(path)
+
+
+def test_generation_stops_where_llama_cpp_stops(tmp_path):
+    """eos, eot and the end-of-turn texts llama.cpp knows (<|im_end|>, <|endoftext|>) all end generation."""
+    model, config = random_model("qwen3")
+    path = tmp_path / "eot.gguf"
+    write_gguf(path, "qwen3", model, config, extra=lambda w: w.add_eot_token_id(1))
+    loaded = load_model(str(path))
+    assert json.loads((loaded.path / "config.json").read_text())["eos_token_id"] == [2, 1, 0]
+    assert set(loaded.tokenizer.eos_token_ids) == {0, 1, 2}

@@ -86,3 +86,10 @@ def test_smollm_chat_template(smollm):
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2
     system = [{"role": "system", "content": "Be brief."}, *messages]
     assert tok.apply_chat_template(system, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_end_of_turn_tokens_end_generation(smollm, gemma):
+    """Gemma's file names <eos> as eos; its chat turns end with <end_of_turn>, which llama.cpp also stops at."""
+    assert 2 in smollm.tokenizer.eos_token_ids  # <|im_end|>
+    end_of_turn = gemma.tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert {1, end_of_turn} <= set(gemma.tokenizer.eos_token_ids)

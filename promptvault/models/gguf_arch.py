@@ -16,6 +16,7 @@ import numpy as np
 from promptvault.errors import UnsupportedModelError
 from promptvault.models.gguf_file import GGUFFile
 from promptvault.models.gguf_rope import ROPE_FREQS, rope_scaling
+from promptvault.models.gguf_tokenizer import end_of_generation_ids
 
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -194,7 +195,7 @@ def model_config(g: GGUFFile, spec: ArchSpec) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
     }
     config.update(spec.extra_config(g))
-    eos = g.metadata.get("tokenizer.ggml.eos_token_id")
-    if eos is not None:
-        config["eos_token_id"] = int(eos)
+    eog = end_of_generation_ids(g)
+    if eog:
+        config["eos_token_id"] = eog[0] if len(eog) == 1 else eog
     return {k: v for k, v in config.items() if v is not None}

@@ -163,6 +163,27 @@ def _special(g: GGUFFile, tokens: list, name: str) -> str | None:
     return tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
 
 
+# Token texts llama.cpp (llama-vocab.cpp) treats as end of generation whatever the metadata says,
+# for the vocabularies of the supported families: Llama 3's end of turn / tool call, ChatML's
+# <|im_end|>, Gemma's <end_of_turn>, and Qwen's fill-in-the-middle pad / repo / file separators.
+_EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
+        "<eos>", "</s>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+    }
+)
+
+
+def end_of_generation_ids(g: GGUFFile) -> list[int]:
+    """Every token llama.cpp stops generating at: eos / eot / eom from the metadata, then the
+    known end-of-turn texts. With eos alone, mlx-lm would run past a Llama 3 <|eot_id|> or a
+    Gemma <end_of_turn> whenever the file's eos is the end-of-text token."""
+    tokens = g.metadata.get("tokenizer.ggml.tokens", [])
+    ids = [g.metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+    ids += [i for i, text in enumerate(tokens) if text in _EOG_TEXTS]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < len(tokens)))
+
+
 def build_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
     """The tokenizer and the tokenizer_config.json dict (special tokens, chat template)."""
     family = g.metadata.get("tokenizer.ggml.model")
