@@ -103,6 +103,15 @@ def test_real_llama3_parameters_are_recovered(tmp_path, factor):
     assert _max_diff(loaded.model, reference) < 1e-4
 
 
+def test_rope_freqs_of_ones_mean_no_scaling(tmp_path):
+    model, config = random_model("llama", tokenizer="llama-bpe")
+    path = tmp_path / "unit-freqs.gguf"
+    write_gguf(path, "llama", model, config, extra=lambda w: w.add_tensor("rope_freqs.weight", np.ones(8, np.float32)))
+    loaded = load_model(str(path), dtype="float32")
+    assert loaded.model.args.rope_scaling is None
+    assert _max_diff(loaded.model, model) < 1e-4
+
+
 def _refusal(path) -> str:
     with pytest.raises(UnsupportedModelError) as info:
         load_model(str(path))

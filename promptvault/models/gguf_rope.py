@@ -25,9 +25,6 @@ from promptvault.models.gguf_file import GGUFFile
 
 ROPE_FREQS = "rope_freqs.weight"
 
-# Llama 3.1 / 3.2: convert_hf_to_gguf's defaults, tried when the tensor has too few
-# intermediate frequencies to fit the parameters from.
-_LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 _RTOL = 1e-5  # llama.cpp computes the factors in float32
 
 
@@ -43,7 +40,9 @@ def llama3_factors(dims: int, base: float, scaling: dict) -> np.ndarray:
 
 
 def _fitted(factors: np.ndarray, dims: int, base: float) -> dict | None:
-    """Parameters from the intermediate frequencies: their smoothing weight is linear in 1 / wavelength."""
+    """Parameters from the intermediate frequencies: their smoothing weight is linear in 1 / wavelength.
+
+    Needs two of them; Llama 3.1 / 3.2 have six (head_dim 128) or three (head_dim 64)."""
     factor = float(factors.max())
     medium = (factors > 1 + _RTOL) & (factors < factor * (1 - _RTOL))
     if medium.sum() < 2:
@@ -77,10 +76,9 @@ def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | N
         )
     if np.allclose(factors, 1.0, rtol=0, atol=_RTOL):
         return None  # no scaling at all
-    candidates = [_fitted(factors, dims, base), {"factor": float(f"{factors.max():.6g}"), **_LLAMA3_DEFAULTS}]
-    for scaling in filter(None, candidates):
-        if np.allclose(llama3_factors(dims, base, scaling), factors, rtol=_RTOL, atol=0):
-            return {"rope_type": "llama3", **scaling}
+    scaling = _fitted(factors, dims, base)
+    if scaling and np.allclose(llama3_factors(dims, base, scaling), factors, rtol=_RTOL, atol=0):
+        return {"rope_type": "llama3", **scaling}
     raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} does not match any llama3 RoPE scaling; cannot convert it")
 
 
