@@ -16,7 +16,8 @@ the vocabulary as `tokenizer.ggml.*` arrays instead. Two families are rebuilt wi
   are matched first and whole, as SentencePiece does.
 
 An unknown pre-tokenizer is refused: a slightly wrong tokenizer still runs, but shows up
-only as a perplexity several times too high.
+only as a perplexity several times too high. end_of_generation_ids() gives the tokens llama.cpp
+stops generating at, for config.json's eos_token_id.
 """
 
 import json
