@@ -88,8 +88,10 @@ def test_smollm_chat_template(smollm):
     assert tok.apply_chat_template(system, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
 
 
-def test_end_of_turn_tokens_end_generation(smollm, gemma):
-    """Gemma's file names <eos> as eos; its chat turns end with <end_of_turn>, which llama.cpp also stops at."""
-    assert 2 in smollm.tokenizer.eos_token_ids  # <|im_end|>
-    end_of_turn = gemma.tokenizer.convert_tokens_to_ids("<end_of_turn>")
-    assert {1, end_of_turn} <= set(gemma.tokenizer.eos_token_ids)
+def test_end_of_generation_tokens_are_llama_cpps(smollm, gemma):
+    """The sets llama.cpp's llama_vocab_is_eog gives for these files (read with its C API, 2026-11-30).
+
+    Gemma's file names <eos> as eos, but its chat turns end with <end_of_turn>."""
+    assert set(smollm.tokenizer.eos_token_ids) == {0, 2, 4}  # <|endoftext|>, <|im_end|>, <reponame>
+    assert set(gemma.tokenizer.eos_token_ids) == {1, 106, 212}  # <eos>, <end_of_turn>, </s>
+    assert gemma.tokenizer.convert_ids_to_tokens([106, 212]) == ["<end_of_turn>", "</s>"]

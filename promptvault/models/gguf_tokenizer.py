@@ -164,24 +164,33 @@ def _special(g: GGUFFile, tokens: list, name: str) -> str | None:
     return tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
 
 
-# Token texts llama.cpp (llama-vocab.cpp) treats as end of generation whatever the metadata says,
-# for the vocabularies of the supported families: Llama 3's end of turn / tool call, ChatML's
-# <|im_end|>, Gemma's <end_of_turn>, and Qwen's fill-in-the-middle pad / repo / file separators.
+# Token texts llama.cpp (llama-vocab.cpp) treats as end of generation whatever the metadata says
+# (the ones of supported families: Llama 3's end of turn / tool call, ChatML's <|im_end|>,
+# Gemma's <end_of_turn>, ...), and its fill-in-the-middle pad / repo / file-separator tokens,
+# which also end generation there, found by text unless the metadata names them.
 _EOG_TEXTS = frozenset(
     {
         "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
-        "<eos>", "</s>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
+        "<eos>", "</s>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>",
     }
 )
+_FIM_EOG_TEXTS = {
+    "fim_pad": {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"},
+    "fim_rep": {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"},
+    "fim_sep": {"<|file_sep|>"},
+}
 
 
 def end_of_generation_ids(g: GGUFFile) -> list[int]:
     """Every token llama.cpp stops generating at: eos / eot / eom from the metadata, then the
-    known end-of-turn texts. With eos alone, mlx-lm would run past a Llama 3 <|eot_id|> or a
-    Gemma <end_of_turn> whenever the file's eos is the end-of-text token."""
+    known end-of-turn and fill-in-the-middle tokens. With eos alone, mlx-lm would run past a
+    Llama 3 <|eot_id|> or a Gemma <end_of_turn> whenever the file's eos is the end-of-text token."""
     tokens = g.metadata.get("tokenizer.ggml.tokens", [])
     ids = [g.metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
     ids += [i for i, text in enumerate(tokens) if text in _EOG_TEXTS]
+    for name, texts in _FIM_EOG_TEXTS.items():
+        named = g.metadata.get(f"tokenizer.ggml.{name}_token_id")
+        ids += [named] if named is not None else [i for i, text in enumerate(tokens) if text in texts]
     return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < len(tokens)))
 
 
