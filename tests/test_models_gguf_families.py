@@ -120,6 +120,15 @@ def _refusal(path) -> str:
     return message
 
 
+def test_rope_freqs_stored_in_float16_still_match(tmp_path):
+    """llama.cpp keeps rope_freqs in F32; a file that rounded it to F16 is checked at F16's precision."""
+    model, config = random_model("llama", tokenizer="llama-bpe", max_position_embeddings=4096)
+    half = llama3_rope_freqs({**config, "rope_scaling": LLAMA3_SCALING}).astype(np.float16)
+    path = tmp_path / "f16-freqs.gguf"
+    write_gguf(path, "llama", model, config, tokenizer="llama-bpe", extra=lambda w: w.add_tensor("rope_freqs.weight", half))
+    assert load_model(str(path), dtype="float32").model.args.rope_scaling == LLAMA3_SCALING
+
+
 def test_rope_freqs_that_no_llama3_scaling_explains_are_refused(tmp_path):
     model, config = random_model("llama", tokenizer="llama-bpe")
     odd = llama3_rope_freqs({**config, "rope_scaling": LLAMA3_SCALING})

@@ -18,6 +18,7 @@ original context. Every Llama 3.x release uses low_freq_factor = 1, and with it 
 the original context length and high_freq_factor themselves (8192 and 4 for Llama 3.1 / 3.2).
 """
 
+import gguf
 import numpy as np
 
 from promptvault.errors import UnsupportedModelError
@@ -25,7 +26,9 @@ from promptvault.models.gguf_file import GGUFFile
 
 ROPE_FREQS = "rope_freqs.weight"
 
-_RTOL = 1e-5  # llama.cpp computes the factors in float32
+# Relative tolerance of the check: llama.cpp computes the factors in float32 and keeps 1-D
+# tensors in F32; a file written with them in 16 bits gets that format's rounding.
+_RTOL = {gguf.GGMLQuantizationType.F32: 1e-5, gguf.GGMLQuantizationType.F16: 1e-3, gguf.GGMLQuantizationType.BF16: 8e-3}
 
 
 def llama3_factors(dims: int, base: float, scaling: dict) -> np.ndarray:
@@ -39,31 +42,36 @@ def llama3_factors(dims: int, base: float, scaling: dict) -> np.ndarray:
     return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, medium))
 
 
-def _fitted(factors: np.ndarray, dims: int, base: float) -> dict | None:
+def _fitted(factors: np.ndarray, dims: int, base: float, rtol: float) -> list[dict]:
     """Parameters from the intermediate frequencies: their smoothing weight is linear in 1 / wavelength.
 
-    Needs two of them; Llama 3.1 / 3.2 have six (head_dim 128) or three (head_dim 64)."""
+    Needs two of them; Llama 3.1 / 3.2 have six (head_dim 128) or three (head_dim 64). Returns
+    candidates from the roundest (2 significant digits) to the raw fit, for the caller to check.
+    """
     factor = float(factors.max())
-    medium = (factors > 1 + _RTOL) & (factors < factor * (1 - _RTOL))
+    medium = (factors > 1 + rtol) & (factors < factor * (1 - rtol))
     if medium.sum() < 2:
-        return None
+        return []
     wavelen = 2 * np.pi * base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
     smooth = (1 / factors[medium] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(1 / wavelen[medium], smooth, 1)
     low_ratio = -intercept / slope  # low_freq_factor / original context
     if not low_ratio > 0:
-        return None
+        return []
     original = round(1 / low_ratio)
     high = (low_ratio + 1 / slope) * original
-    return {
-        "factor": float(f"{factor:.6g}"),
-        "low_freq_factor": 1.0,
-        "high_freq_factor": float(f"{high:.6g}"),
-        "original_max_position_embeddings": original,
-    }
+    return [
+        {
+            "factor": float(f"{factor:.{digits}g}"),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": float(f"{high:.{digits}g}"),
+            "original_max_position_embeddings": original,
+        }
+        for digits in (2, 3, 4, 6, 17)
+    ]
 
 
-def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | None:
+def _llama3_scaling(g: GGUFFile, factors: np.ndarray, rtol: float, head_dim: int) -> dict | None:
     dims = int(g.arch_value("rope.dimension_count", head_dim))
     base = float(g.arch_value("rope.freq_base", 10000.0))
     if factors.shape != (head_dim // 2,):
@@ -74,11 +82,11 @@ def _llama3_scaling(g: GGUFFile, factors: np.ndarray, head_dim: int) -> dict | N
         raise UnsupportedModelError(
             f"{g.path}: {ROPE_FREQS} with partial RoPE ({dims} of {head_dim} dims) is not supported"
         )
-    if np.allclose(factors, 1.0, rtol=0, atol=_RTOL):
+    if np.allclose(factors, 1.0, rtol=0, atol=rtol):
         return None  # no scaling at all
-    scaling = _fitted(factors, dims, base)
-    if scaling and np.allclose(llama3_factors(dims, base, scaling), factors, rtol=_RTOL, atol=0):
-        return {"rope_type": "llama3", **scaling}
+    for scaling in _fitted(factors, dims, base, rtol):
+        if np.allclose(llama3_factors(dims, base, scaling), factors, rtol=rtol, atol=0):
+            return {"rope_type": "llama3", **scaling}
     raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} does not match any llama3 RoPE scaling; cannot convert it")
 
 
@@ -117,7 +125,10 @@ def rope_scaling(g: GGUFFile, head_dim: int) -> dict | None:
     if freqs is not None:
         if kind not in (None, "none"):
             raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} together with RoPE scaling {kind!r} is not supported")
-        return _llama3_scaling(g, g.dequantized(freqs).reshape(-1).astype(np.float64), head_dim)
+        if freqs.tensor_type not in _RTOL:
+            raise UnsupportedModelError(f"{g.path}: {ROPE_FREQS} stored as {freqs.tensor_type.name} is not supported")
+        factors = g.dequantized(freqs).reshape(-1).astype(np.float64)
+        return _llama3_scaling(g, factors, _RTOL[freqs.tensor_type], head_dim)
     if kind in (None, "none") or not factor:
         return None
     if kind == "yarn":
