@@ -86,3 +86,12 @@ def test_smollm_chat_template(smollm):
     assert ids[0] == 1 and ids.count(1) == 3 and ids.count(2) == 2
     system = [{"role": "system", "content": "Be brief."}, *messages]
     assert tok.apply_chat_template(system, tokenize=False).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_end_of_generation_tokens_are_llama_cpps(smollm, gemma):
+    """The sets llama.cpp's llama_vocab_is_eog gives for these files (read with its C API, 2026-11-30).
+
+    Gemma's file names <eos> as eos, but its chat turns end with <end_of_turn>."""
+    assert set(smollm.tokenizer.eos_token_ids) == {0, 2, 4}  # <|endoftext|>, <|im_end|>, <reponame>
+    assert set(gemma.tokenizer.eos_token_ids) == {1, 106, 212}  # <eos>, <end_of_turn>, </s>
+    assert gemma.tokenizer.convert_ids_to_tokens([106, 212]) == ["<end_of_turn>", "</s>"]

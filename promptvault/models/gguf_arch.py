@@ -15,6 +15,8 @@ import numpy as np
 
 from promptvault.errors import UnsupportedModelError
 from promptvault.models.gguf_file import GGUFFile
+from promptvault.models.gguf_rope import ROPE_FREQS, rope_scaling
+from promptvault.models.gguf_tokenizer import end_of_generation_ids
 
 _TOP_LEVEL = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -47,6 +49,7 @@ class ArchSpec:
     permute_qk: bool  # undo llama.cpp's q/k row permutation
     norm_offset: float  # subtract from every *norm.weight (Gemma stores 1 + w)
     extra_config: Callable[[GGUFFile], dict]
+    config_tensors: frozenset = frozenset()  # read into config.json by extra_config, not weights
 
     def mlx_name(self, gguf_name: str) -> str:
         if gguf_name in _TOP_LEVEL:
@@ -81,27 +84,31 @@ def _required(g: GGUFFile, key: str):
     return value
 
 
-def _rope_scaling(g: GGUFFile) -> dict | None:
-    kind = g.arch_value("rope.scaling.type")
-    factor = g.arch_value("rope.scaling.factor")
-    if kind in (None, "none") or not factor:
-        return None
-    if kind != "linear":
-        raise UnsupportedModelError(f"{g.path}: RoPE scaling {kind!r} is not supported")
-    return {"rope_type": "linear", "factor": float(factor)}
+def _default_head_dim(g: GGUFFile) -> int:
+    return int(_required(g, "embedding_length")) // int(_required(g, "attention.head_count"))
 
 
-def _no_extra(g: GGUFFile) -> dict:
-    return {}
+def _head_dim(g: GGUFFile) -> int:
+    key_length = g.arch_value("attention.key_length")
+    return int(key_length) if key_length else _default_head_dim(g)
+
+
+def _qwen2_extra(g: GGUFFile) -> dict:
+    return {"rope_scaling": rope_scaling(g, _head_dim(g))}
 
 
 def _llama_extra(g: GGUFFile) -> dict:
-    heads = g.arch_value("attention.head_count")
-    key_length = g.arch_value("attention.key_length")
-    extra = {"rope_scaling": _rope_scaling(g)}
-    if key_length and key_length != g.arch_value("embedding_length") // heads:
-        extra["head_dim"] = int(key_length)
+    """Llama 1-3, Mistral 7B / Nemo / Small (llama.cpp writes Mistral as "llama", sliding window dropped)."""
+    head_dim = _head_dim(g)
+    extra = {"rope_scaling": rope_scaling(g, head_dim)}
+    if head_dim != _default_head_dim(g):
+        extra["head_dim"] = head_dim
     return extra
+
+
+def _qwen3_extra(g: GGUFFile) -> dict:
+    head_dim = _head_dim(g)
+    return {"head_dim": head_dim, "rope_scaling": rope_scaling(g, head_dim)}
 
 
 def _sliding_window_pattern(g: GGUFFile) -> int:
@@ -127,13 +134,21 @@ def _gemma3_extra(g: GGUFFile) -> dict:
         "sliding_window_pattern": _sliding_window_pattern(g),
         "rope_local_base_freq": 10000.0,
         "query_pre_attn_scalar": head_dim,
-        "rope_scaling": _rope_scaling(g),
+        "rope_scaling": rope_scaling(g, head_dim),
     }
 
 
 ARCHITECTURES = {
-    "llama": ArchSpec("llama", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, True, 0.0, _llama_extra),
-    "qwen2": ArchSpec("qwen2", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, False, 0.0, _no_extra),
+    "llama": ArchSpec(
+        "llama",
+        {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"},
+        True,
+        0.0,
+        _llama_extra,
+        config_tensors=frozenset({ROPE_FREQS}),
+    ),
+    "qwen2": ArchSpec("qwen2", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, False, 0.0, _qwen2_extra),
+    "qwen3": ArchSpec("qwen3", {**_BLOCK_COMMON, "ffn_norm": "post_attention_layernorm"}, False, 0.0, _qwen3_extra),
     "gemma3": ArchSpec(
         "gemma3_text",
         {
@@ -180,7 +195,7 @@ def model_config(g: GGUFFile, spec: ArchSpec) -> dict:
         "tie_word_embeddings": "output.weight" not in names,
     }
     config.update(spec.extra_config(g))
-    eos = g.metadata.get("tokenizer.ggml.eos_token_id")
-    if eos is not None:
-        config["eos_token_id"] = int(eos)
+    eog = end_of_generation_ids(g)
+    if eog:
+        config["eos_token_id"] = eog[0] if len(eog) == 1 else eog
     return {k: v for k, v in config.items() if v is not None}

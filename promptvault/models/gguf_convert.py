@@ -26,6 +26,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path, dtype: mx.Dtype) -> dict:
     write_tokenizer(g, out_dir)  # before the weights: a tokenizer problem fails fast
     weights = {}
     for tensor in g.tensors:
+        if tensor.name in spec.config_tensors:  # already checked and folded into config
+            continue
         name = spec.mlx_name(tensor.name)
         array = spec.transform(tensor.name, g.dequantized(tensor), config)
         weights[name] = mx.array(array).astype(dtype)

@@ -4,20 +4,26 @@ mlx-lm loads tokenizers through transformers, which needs tokenizer.json; a GGUF
 the vocabulary as `tokenizer.ggml.*` arrays instead. Two families are rebuilt with the
 `tokenizers` library:
 
-* "gpt2" (byte-level BPE: SmolLM2, Qwen2, Llama 3): vocab + merge list from the file; the
-  pre-tokenizer is chosen by `tokenizer.ggml.pre` (SmolLM2's "smollm" splits digits one by one).
-* "llama" (SentencePiece BPE: Gemma, Llama 2): the file has scores but no merges, so the merge
+* "gpt2" (byte-level BPE: SmolLM2, Qwen2 / 2.5 / 3, Llama 3, Mistral Nemo): vocab + merge list
+  from the file; the pre-tokenizer is chosen by `tokenizer.ggml.pre` ("smollm" splits digits one
+  by one, "llama-bpe" in runs of up to three, "tekken" also splits CamelCase words), with the
+  flags llama.cpp sets for that name (Llama 3 and tekken look whole words up before merging,
+  and add BOS unless the file says otherwise).
+* "llama" (SentencePiece BPE: Gemma, Llama 2, Mistral 7B): the file has scores but no merges, so the merge
   list is rebuilt from vocabulary order (a piece that splits into two pieces becomes a merge
   ranked by its own position); spaces become "▁"; unknown bytes fall back to <0xNN> pieces.
   User-defined pieces (Gemma's runs of spaces, tabs and newlines, stored with real whitespace)
   are matched first and whole, as SentencePiece does.
 
 An unknown pre-tokenizer is refused: a slightly wrong tokenizer still runs, but shows up
-only as a perplexity several times too high.
+only as a perplexity several times too high. end_of_generation_ids() gives the tokens llama.cpp
+stops generating at, for config.json's eos_token_id.
 """
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -27,11 +33,19 @@ from promptvault.models.gguf_file import GGUFFile
 # llama.cpp token types (gguf.TokenType)
 _NORMAL, _CONTROL, _USER_DEFINED, _BYTE = 1, 3, 4, 6
 
+# Split regexes as in the models' own tokenizer.json; llama.cpp's llama-vocab.cpp uses the same
+# ones (rewritten for its regex engine) for the pre-tokenizer names below.
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Mistral's tekken (Nemo, Small 3): no contraction rule, CamelCase words split, single digits.
+_TEKKEN_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 
 
@@ -45,18 +59,40 @@ def _regex_split(pattern: str) -> pre_tokenizers.PreTokenizer:
     )
 
 
+def _gpt2_split() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _digits_then_gpt2() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _gpt2_split()])
+
+
+@dataclass(frozen=True)
+class PreTokenizer:
+    """One llama.cpp pre-tokenizer type, with the flags llama-vocab.cpp sets for it."""
+
+    split: Callable[[], pre_tokenizers.PreTokenizer]
+    ignore_merges: bool = False  # a word that is itself in the vocabulary is one token, merges or not
+    add_bos: bool = False  # llama.cpp's default when the file has no tokenizer.ggml.add_bos_token
+
+
+_LLAMA3 = PreTokenizer(lambda: _regex_split(_LLAMA3_SPLIT), ignore_merges=True, add_bos=True)
+_QWEN2 = PreTokenizer(lambda: _regex_split(_QWEN2_SPLIT))
+
 # tokenizer.ggml.pre -> pre-tokenizer (names as llama.cpp's convert_hf_to_gguf writes them)
 _BPE_PRE_TOKENIZERS = {
-    "default": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    "gpt-2": lambda: pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    "smollm": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    ),
-    "starcoder": lambda: pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    ),
-    "qwen2": lambda: _regex_split(_QWEN2_SPLIT),
-    "llama-bpe": lambda: _regex_split(_LLAMA3_SPLIT),
+    "default": PreTokenizer(_gpt2_split),
+    "gpt-2": PreTokenizer(_gpt2_split),
+    "smollm": PreTokenizer(_digits_then_gpt2),
+    "starcoder": PreTokenizer(_digits_then_gpt2),
+    "qwen2": _QWEN2,  # Qwen2 / 2.5 / 3
+    "deepseek-r1-qwen": _QWEN2,  # DeepSeek-R1 distilled into Qwen2.5
+    "llama-bpe": _LLAMA3,  # Llama 3.x
+    "llama3": _LLAMA3,
+    "llama-v3": _LLAMA3,
+    "pixtral": _LLAMA3,  # Mistral's Pixtral: llama.cpp gives it the Llama 3 split
+    "smaug-bpe": PreTokenizer(lambda: _regex_split(_LLAMA3_SPLIT)),  # Llama 3 fine-tunes: same split, merges always
+    "tekken": PreTokenizer(lambda: _regex_split(_TEKKEN_SPLIT), ignore_merges=True, add_bos=True),  # Mistral Nemo
 }
 
 
@@ -69,17 +105,21 @@ def _added_tokens(tokens: list, types: list) -> list:
     ]
 
 
-def _gpt2_tokenizer(g: GGUFFile, tokens: list) -> Tokenizer:
+def _bpe_pre_tokenizer(g: GGUFFile) -> PreTokenizer:
     pre = g.metadata.get("tokenizer.ggml.pre", "default")
     if pre not in _BPE_PRE_TOKENIZERS:
         raise UnsupportedModelError(
             f"{g.path}: BPE pre-tokenizer {pre!r} is not supported "
             f"(supported: {', '.join(sorted(_BPE_PRE_TOKENIZERS))})"
         )
+    return _BPE_PRE_TOKENIZERS[pre]
+
+
+def _gpt2_tokenizer(g: GGUFFile, tokens: list, pre: PreTokenizer) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in g.metadata.get("tokenizer.ggml.merges", [])]
     vocab = {tok: i for i, tok in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = _BPE_PRE_TOKENIZERS[pre]()
+    tok = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre.ignore_merges))
+    tok.pre_tokenizer = pre.split()
     tok.decoder = decoders.ByteLevel()
     return tok
 
@@ -124,21 +164,52 @@ def _special(g: GGUFFile, tokens: list, name: str) -> str | None:
     return tokens[int(token_id)] if token_id is not None and int(token_id) < len(tokens) else None
 
 
+# Token texts llama.cpp (llama-vocab.cpp) treats as end of generation whatever the metadata says
+# (the ones of supported families: Llama 3's end of turn / tool call, ChatML's <|im_end|>,
+# Gemma's <end_of_turn>, ...), and its fill-in-the-middle pad / repo / file-separator tokens,
+# which also end generation there, found by text unless the metadata names them.
+_EOG_TEXTS = frozenset(
+    {
+        "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|endoftext|>", "<|end|>", "<end_of_turn>",
+        "<eos>", "</s>", "<EOT>", "_<EOT>", "<｜end▁of▁sentence｜>",
+    }
+)
+_FIM_EOG_TEXTS = {
+    "fim_pad": {"<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"},
+    "fim_rep": {"<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"},
+    "fim_sep": {"<|file_sep|>"},
+}
+
+
+def end_of_generation_ids(g: GGUFFile) -> list[int]:
+    """Every token llama.cpp stops generating at: eos / eot / eom from the metadata, then the
+    known end-of-turn and fill-in-the-middle tokens. With eos alone, mlx-lm would run past a
+    Llama 3 <|eot_id|> or a Gemma <end_of_turn> whenever the file's eos is the end-of-text token."""
+    tokens = g.metadata.get("tokenizer.ggml.tokens", [])
+    ids = [g.metadata.get(f"tokenizer.ggml.{name}_token_id") for name in ("eos", "eot", "eom")]
+    ids += [i for i, text in enumerate(tokens) if text in _EOG_TEXTS]
+    for name, texts in _FIM_EOG_TEXTS.items():
+        named = g.metadata.get(f"tokenizer.ggml.{name}_token_id")
+        ids += [named] if named is not None else [i for i, text in enumerate(tokens) if text in texts]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= int(i) < len(tokens)))
+
+
 def build_tokenizer(g: GGUFFile) -> tuple[Tokenizer, dict]:
     """The tokenizer and the tokenizer_config.json dict (special tokens, chat template)."""
     family = g.metadata.get("tokenizer.ggml.model")
     tokens = list(g.metadata.get("tokenizer.ggml.tokens", []))
     types = list(g.metadata.get("tokenizer.ggml.token_type", [_NORMAL] * len(tokens)))
     if family == "gpt2":
-        tok = _gpt2_tokenizer(g, tokens)
+        pre = _bpe_pre_tokenizer(g)
+        tok, add_bos_default = _gpt2_tokenizer(g, tokens, pre), pre.add_bos
     elif family == "llama":
-        tok = _sentencepiece_tokenizer(g, tokens, types)
+        tok, add_bos_default = _sentencepiece_tokenizer(g, tokens, types), True  # llama.cpp's SPM default
     else:
         raise UnsupportedModelError(f"{g.path}: tokenizer model {family!r} is not supported (supported: gpt2, llama)")
     tok.add_tokens(_added_tokens(tokens, types))
 
     bos = _special(g, tokens, "bos")
-    add_bos = bool(g.metadata.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
+    add_bos = bool(g.metadata.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos is not None
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokens.index(bos))]

@@ -25,7 +25,7 @@ from promptvault.models.gguf_convert import convert_gguf
 log = logging.getLogger(__name__)
 
 # Bump when a converter change alters the bytes it writes: old conversions are then ignored.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
