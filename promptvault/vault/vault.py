@@ -42,7 +42,7 @@ from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json, make_namespace
 from promptvault.vault.shards import SUFFIX, CorruptShard, read_metadata, read_shard, relpath, write_shard
-from promptvault.vault.tiers import DiskTier, RamTier, disk_usage
+from promptvault.vault.tiers import DiskTier, RamTier
 
 log = logging.getLogger(__name__)
 
@@ -483,7 +483,7 @@ class Vault:
         quarantine = self.root / "quarantine"
         return {
             "path": str(self.root), "block_size": self.block_size, "disk_cap": self.disk.cap,
-            "disk_bytes": disk_usage(self.root), "shard_bytes": disk_usage(self.shards),
+            "disk_bytes": self.disk.usage(self.index), "shard_bytes": sum(r["bytes"] for r in rows),
             "ram_cap": self.ram.cap, "ram_bytes": self.ram.nbytes, "ram_chunks": len(self.ram),
             "namespaces": rows, "warmed": len(self.index.warmed()),
             "quarantined": len(list(quarantine.iterdir())) if quarantine.exists() else 0,
@@ -496,6 +496,7 @@ class Vault:
             checked += 1
             if self._read(row) is None:
                 bad.append(row["key"])
+        self.disk.reconcile(self.index)  # a read-only index is walked, not written
         return {"checked": checked, "ok": checked - len(bad), "bad": bad}
 
     def reindex(self) -> dict:
@@ -566,6 +567,7 @@ class Vault:
                 self._quarantine(path.stem, path)
         live = self.index.existing([w["last_key"] for w in self.index.warmed()])
         self.index.delete_warmed([w["id"] for w in self.index.warmed() if w["last_key"] not in live])
+        self.disk.reconcile(self.index)
         evicted = self.disk.enforce(self.index, self.ram.discard)
         return {"temp_files_removed": temps, "rows_dropped": len(gone), "files_adopted": adopted,
                 "evicted": len(evicted)}
