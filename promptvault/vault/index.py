@@ -119,6 +119,19 @@ class Index:
                     (row["key"], row["namespace"], row["position"] + row["n_tokens"]))
         return cur.rowcount == 1
 
+    def add_chunks(self, rows: Iterable[dict]) -> None:
+        """Insert many chunk rows (no snapshots) in one transaction, ignoring keys already there."""
+        now = time.time()
+
+        def values(r):
+            r = {"created": now, "last_used": now, "hits": 0, **r, "head": head_of(r["tokens"])}
+            return [r[c] for c in _CHUNK_COLS]
+
+        with self.db.conn:
+            self.db.conn.executemany(
+                f"INSERT OR IGNORE INTO chunks ({', '.join(_CHUNK_COLS)}) VALUES ({', '.join('?' * len(_CHUNK_COLS))})",
+                map(values, rows))
+
     def chunk(self, key: str) -> dict | None:
         rows = self._rows("SELECT * FROM chunks WHERE key = ?", (key,))
         return rows[0] if rows else None

@@ -105,12 +105,14 @@ class DiskTier:
         return row["shards"] + row["other"] + self._live()
 
     def reconcile(self, index: Index) -> int:
-        """Walk the whole vault, restart the running count from what is there; returns the total."""
+        """Walk the whole vault, restart the running count from what is there; returns the usage
+        (the walk's total, or more where indexed shards count for more than the walk found)."""
         live = self._live()
         walked = disk_usage(self.root)
-        if not index.read_only and index.path is not None:
-            index.set_usage(walked, live, os.statvfs(self.root).f_frsize or 4096)
-        return walked
+        if index.read_only or index.path is None:
+            return walked
+        index.set_usage(walked, live, os.statvfs(self.root).f_frsize or 4096)
+        return self.usage(index)
 
     def _live(self) -> int:
         """What changes without a chunk row changing: the index files and quarantine/."""
