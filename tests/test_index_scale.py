@@ -83,6 +83,14 @@ def test_head_probes_find_the_longest_sibling_among_many():
     best = np.concatenate([common, _toks(B - 20)])
     _add(index, NS, best)
     assert q([*best[:50], *_toks(30)]).reuse == 50
+    # Over 32 of them: an old leaf the prompt continues whole is still found (by key).
+    old_leaf = np.concatenate([common, _toks(10)])
+    _add(index, NS, old_leaf)
+    index.db.execute("UPDATE chunks SET last_used = 0 WHERE key = ?", [chunk_key(None, NS.digest, old_leaf)])
+    with index.db.conn:
+        for _ in range(40):
+            _add(index, NS, np.concatenate([common, _toks(B - 20)]))
+    assert q([*old_leaf, *_toks(30)]).reuse == 30
     # The work does not depend on the number of siblings (the old scan read all 3000).
     small, small_firsts = _filled(30)
     for idx, tops in ((index, firsts), (small, small_firsts)):

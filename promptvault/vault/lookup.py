@@ -19,11 +19,13 @@ big-endian `head`, so SQLite orders siblings by their leading tokens, and
   recently used first; their token-level prefix with the prompt is computed as before;
 - otherwise the two siblings next to the prompt in head order, which share the most leading
   tokens with it (fewer than 16) — so reuse below 16 tokens inside a block is still found.
+When that group is full, the chunks the prompt continues whole (a stored shorter prompt's tail
+leaf, say an earlier turn of the same chat) are also looked up by key, one per possible length.
 What this gives up: when more than 32 siblings share the prompt's next 16 tokens (many stored
-prompts with one long common beginning that ends inside a block, e.g. a system prompt), only the
-32 most recently used are compared, so the reuse may stop at the common beginning instead of at
-an older sibling's longer match. In ArraysCache namespaces only whole chunks count, and those are
-looked up exactly by key for every possible tail length, so nothing is given up there.
+prompts with one long common beginning that ends inside a block, e.g. a system prompt), an older
+sibling that shares more tokens with the prompt but not all of its own is not compared, so the
+reuse may stop at the common beginning. In ArraysCache namespaces only whole chunks count, and
+those are always looked up by key, so nothing is given up there.
 """
 
 from __future__ import annotations
@@ -79,6 +81,8 @@ def plan(index: Index, ns: Namespace, tokens: np.ndarray) -> Plan:
         candidates = index.chunks(_leaf_keys(parent, ns.digest, rest[: B - 1]))
     else:
         candidates = index.nearest_children(ns.id, parent, head_of(tokens_to_bytes(rest)), MAX_CANDIDATES)
+        if len(candidates) == MAX_CANDIDATES:  # maybe cut: whole chunks the prompt continues, by key
+            candidates += index.chunks(_leaf_keys(parent, ns.digest, rest[: B - 1]))
     best, best_len = None, 0
     for child in candidates:
         ctoks = bytes_to_tokens(child["tokens"])

@@ -13,8 +13,8 @@ running one kept in the shared index (`Index.usage`), not in any process's memor
 - everything else (vault.json, lock, temp files, files no row names): the baseline the last full
   walk found beyond the two above.
 A full walk restarts the count: at the first check of a vault that has none, and in `reconcile`
-(gc and verify call it). When the two disagree the walk wins, and the baseline never goes below
-zero, so the count errs high (evicting early), not low. What it cannot see until the next walk:
+(gc and verify call it); it keeps the larger of the walk and the indexed shards' count (the
+baseline never goes below zero), so the count errs high (evicting early), not low. What it cannot see until the next walk:
 files that appear under the vault without an index row (a writer's shard between its rename and
 its row, a stray copy) — one block per live writer at most, unless something outside promptvault
 writes there.
