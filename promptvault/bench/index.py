@@ -9,7 +9,7 @@ in a 100-token tail leaf. At each size, the median of REPEATS runs of:
   - a new prompt that shares no first block with any stored one (the case that used to read
     every first block);
   - a stored prompt with its exact tail leaf, plus one new token;
-  - `Index.stats()`;
+  - `Index.stats()`, and `Vault.stats()` (what `promptvault stats` prints: it adds the disk usage);
   - a capped write's accounting: `DiskTier.enforce` with the cap above the usage (the check each
     write makes), and with the cap one block under it (one round of eviction). The shards are
     not on disk, so this measures the accounting, not the unlinks.
@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from promptvault.vault import Vault
 from promptvault.vault.index import Index
 from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import plan
@@ -128,6 +129,8 @@ def run_index_bench(max_chunks: int = 1_000_000, workdir: str | None = None) -> 
             n_chunks = index.stats()[0]["chunks"]
             timings = {"stored_ms": _median_ms(stored), "diverging_ms": _median_ms(diverging), "new_ms": _median_ms(new),
                        "leaf_ms": _median_ms(leaf), "stats_ms": _median_ms(lambda _: index.stats())}
+            with Vault(root, block_size=BLOCK) as vault:
+                timings["vault_stats_ms"] = _median_ms(lambda _: vault.stats())
             disk = DiskTier(root, root / "shards", None)
             usage = disk.reconcile(index)
             disk.cap = usage + 10 * CHUNK_BYTES

@@ -207,6 +207,9 @@ class Index:
     def warmed(self) -> list[dict]:
         return self._rows("SELECT * FROM warmed ORDER BY id")
 
+    def warmed_count(self) -> int:
+        return self.db.conn.execute("SELECT count(*) FROM warmed").fetchone()[0]
+
     def delete_warmed(self, ids: list[int]) -> None:
         with self.db.conn:
             for i in ids:

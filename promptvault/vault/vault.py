@@ -485,7 +485,7 @@ class Vault:
             "path": str(self.root), "block_size": self.block_size, "disk_cap": self.disk.cap,
             "disk_bytes": self.disk.usage(self.index), "shard_bytes": sum(r["bytes"] for r in rows),
             "ram_cap": self.ram.cap, "ram_bytes": self.ram.nbytes, "ram_chunks": len(self.ram),
-            "namespaces": rows, "warmed": len(self.index.warmed()),
+            "namespaces": rows, "warmed": self.index.warmed_count(),
             "quarantined": len(list(quarantine.iterdir())) if quarantine.exists() else 0,
         }
 
