@@ -127,8 +127,8 @@ def run_index_bench(max_chunks: int = 1_000_000, workdir: str | None = None) -> 
                 assert plan(index, NS, toks).reuse == BLOCK * BLOCKS + LEAF
 
             n_chunks = index.stats()[0]["chunks"]
-            timings = {"stored_ms": _median_ms(stored), "diverging_ms": _median_ms(diverging), "new_ms": _median_ms(new),
-                       "leaf_ms": _median_ms(leaf), "stats_ms": _median_ms(lambda _: index.stats())}
+            timings = {"stored_ms": _median_ms(stored), "diverging_ms": _median_ms(diverging),
+                       "new_ms": _median_ms(new), "leaf_ms": _median_ms(leaf), "stats_ms": _median_ms(lambda _: index.stats())}
             with Vault(root, block_size=BLOCK) as vault:
                 timings["vault_stats_ms"] = _median_ms(lambda _: vault.stats())
             disk = DiskTier(root, root / "shards", None)

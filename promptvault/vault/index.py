@@ -237,8 +237,8 @@ class Index:
         with self.db.conn:
             self.db.conn.execute("INSERT OR IGNORE INTO usage VALUES (1, 0, 0, ?, 0)", (unit,))
             self.db.conn.execute(
-                "UPDATE usage SET unit = ?1, measured = ?2, shards = (SELECT coalesce(sum(((bytes + ?1 - 1) / ?1) * ?1), 0) "
-                "FROM chunks) WHERE id = 1", (unit, time.time()))
+                "UPDATE usage SET unit = ?1, measured = ?2, "
+                "shards = (SELECT coalesce(sum(((bytes + ?1 - 1) / ?1) * ?1), 0) FROM chunks) WHERE id = 1", (unit, time.time()))
             self.db.conn.execute("UPDATE usage SET other = max(0, ? - shards) WHERE id = 1", (walked - live,))
 
     def clear(self) -> None:

@@ -3,21 +3,21 @@
 RAM holds verified, still-compressed payloads (the codes and norms as read from a shard), so a
 hot prefix skips the file read and checksum but still costs only its compressed size in memory.
 
-The disk cap counts everything under the vault directory (shards, index, WAL, quarantine), so
-files other processes wrote and files the index forgot count (LMCache filled 460 GB of a 250 GB
-cap by trusting its own ledger). Walking a million files takes seconds, so the count is a
-running one kept in the shared index (`Index.usage`), not in any process's memory:
+The disk cap counts everything under the vault directory (shards, index, WAL, quarantine), and
+files other processes wrote count too (LMCache filled 460 GB of a 250 GB cap by trusting its
+own ledger). Walking a million files takes seconds, so the count is a running one kept in the
+shared index (`Index.usage`), not in any process's memory:
 - indexed shards: each chunk's size rounded up to the filesystem's block, added and subtracted
   by SQLite triggers as rows come and go, whichever process writes them;
 - the index files (database, WAL, shared memory) and quarantine/: measured afresh each time;
 - everything else (vault.json, lock, temp files, files no row names): the baseline the last full
   walk found beyond the two above.
 A full walk restarts the count: at the first check of a vault that has none, and in `reconcile`
-(gc and verify call it); it keeps the larger of the walk and the indexed shards' count (the
-baseline never goes below zero), so the count errs high (evicting early), not low. What it cannot see until the next walk:
-files that appear under the vault without an index row (a writer's shard between its rename and
-its row, a stray copy) — one block per live writer at most, unless something outside promptvault
-writes there.
+(gc and verify call it). It keeps the larger of the walk and the indexed shards' count (the
+baseline never goes below zero), so the count errs high (evicting early), not low. What it
+cannot see until the next walk: files that appear under the vault without an index row (a
+writer's shard between its rename and its row — one block per live writer — or anything written
+there by something other than promptvault).
 Eviction removes chunks that nothing extends first — tail leaves before their blocks, the end of
 a chain before its start — because a missing first block makes every later block unreachable.
 Files that cannot be deleted are skipped, never retried in a loop.
