@@ -62,7 +62,7 @@ def m002_warmed_last_key(db):
 def m003_heads_totals_usage(db):
     """Lookups, stats and the disk cap that do not grow with the vault.
 
-    - `chunks.head`: the chunk's first HEAD_TOKENS tokens as uint32 big-endian (byte order = token
+    - `chunks.head`: the chunk's first 16 tokens as uint32 big-endian (byte order = token
       order), indexed after (namespace, parent) with last_used, so the sibling sharing the most
       leading tokens with a prompt is found by two ordered neighbour probes instead of a scan of
       every sibling (`promptvault.vault.lookup` says how). It replaces the (namespace, parent)
@@ -73,14 +73,19 @@ def m003_heads_totals_usage(db):
       indexed shards, kept by the same triggers, plus a baseline for every other file measured by
       the last full walk. No row until the first walk.
     """
-    from promptvault.vault.index import HEAD_TOKENS, head_of
-
+    # The head in SQL (byte-reversed 4-byte groups of `tokens`; `index.head_of` is the same in
+    # numpy): rows that come without one (written by an older promptvault sharing the vault)
+    # get it from a trigger, so no sibling is ever invisible to the head probes.
+    reversed_bytes = (f"substr({{t}}, {4 * i + 4 - j}, 1)" for i in range(16) for j in range(4))
+    head = f"CAST({' || '.join(reversed_bytes)} AS BLOB)"
     db["chunks"].add_column("head", bytes)
-    db.conn.create_function("pv_head", 1, head_of, deterministic=True)
-    db.execute("UPDATE chunks SET head = pv_head(tokens)")
+    db.execute(f"UPDATE chunks SET head = {head.format(t='tokens')}")
+    db.execute(f"""
+        CREATE TRIGGER chunks_head AFTER INSERT ON chunks WHEN NEW.head IS NULL BEGIN
+            UPDATE chunks SET head = {head.format(t='NEW.tokens')} WHERE key = NEW.key;
+        END""")
     db.execute("DROP INDEX IF EXISTS idx_chunks_namespace_parent")
     db.execute("CREATE INDEX idx_chunks_head ON chunks (namespace, parent, head, last_used)")
-    assert HEAD_TOKENS == 16  # frozen with this migration: a new length needs a new migration
     db["totals"].create({"namespace": str, "chunks": int, "bytes": int, "tokens": int, "hits": int},
                         pk="namespace")
     db.execute("INSERT INTO totals SELECT n.id, count(c.key), coalesce(sum(c.bytes), 0), "

@@ -170,6 +170,13 @@ def test_an_m002_index_gets_heads_and_totals_in_place(tmp_path):
     assert index.stats() == _fresh_stats(index) and index.stats()[0]["hits"] == 102
     assert plan(index, NS, np.asarray([*blocks[20][:30], *_toks(9)])).reuse == 30
     assert index.usage() is None  # measured by the first walk, not guessed
+    # A writer that knows nothing of heads (an older promptvault sharing the vault): a trigger adds it.
+    t = np.concatenate([blocks[3][:20], _toks(30)])
+    index.db.execute("INSERT INTO chunks (key, namespace, parent, position, n_tokens, tokens, file, bytes, checksum) "
+                     "VALUES ('old', ?, NULL, 0, 50, ?, 'f', 1, 'c')", [NS.id, tokens_to_bytes(t)])
+    assert index.chunk("old")["head"] == head_of(tokens_to_bytes(t))
+    assert plan(index, NS, np.asarray([*t[:45], *_toks(9)])).reuse == 45
+    assert index.stats() == _fresh_stats(index)
 
 
 def _warm_capped(root, seed, cap):

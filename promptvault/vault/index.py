@@ -27,7 +27,7 @@ import sqlite_utils
 from promptvault.migrations import migrations
 from promptvault.vault.namespace import Namespace, canonical_json
 
-HEAD_TOKENS = 16  # leading tokens of a chunk kept in `chunks.head` (migration m003 fixes it)
+HEAD_TOKENS = 16  # leading tokens of a chunk kept in `chunks.head` (fixed by migration m003's SQL)
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT = 4 * 2**20  # bytes a checkpointed WAL is truncated to
 _CHUNK_COLS = ("key", "namespace", "parent", "position", "n_tokens", "tokens", "file", "bytes",
