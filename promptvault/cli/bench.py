@@ -4,6 +4,8 @@ import json
 
 import click
 
+BLOCKS_PER_PROMPT = 10  # promptvault.bench.index.BLOCKS (not imported: the CLI loads benches lazily)
+
 
 @click.group()
 def bench():
@@ -111,3 +113,20 @@ def fidelity_cmd(models, settings, greedy, limit, prefix_tokens, cache_dir, plot
                    f"{r['continuation']} continuation tokens")
         click.echo(fid_table(r))
         click.echo("Pareto front (ratio vs KL): " + ", ".join(pareto([x for x in r["rows"] if x["kl"] > 0])))
+
+
+@bench.command("index")
+@click.option("--chunks", type=click.IntRange(min=BLOCKS_PER_PROMPT), default=1_000_000, show_default=True,
+              help="Fill the index up to this many chunks (also measured at 10K and 100K below it).")
+@click.option("--workdir", default=None, help="Directory for the temporary index.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def index_cmd(chunks, workdir, as_json):
+    """Lookup (stored, diverging inside a block, new, exact tail leaf), stats and a capped write's
+    disk accounting, on an index of P prompts x 10 blocks filled to 10K / 100K / 1M chunks.
+
+    Example: promptvault bench index --chunks 100000
+    """
+    from promptvault.bench.index import format_table as index_table, run_index_bench
+
+    result = run_index_bench(chunks, workdir=workdir)
+    click.echo(json.dumps(result, indent=1) if as_json else index_table(result))

@@ -21,15 +21,24 @@ import time
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import sqlite_utils
 
 from promptvault.migrations import migrations
 from promptvault.vault.namespace import Namespace, canonical_json
 
+HEAD_TOKENS = 16  # leading tokens of a chunk kept in `chunks.head` (fixed by migration m003's SQL)
 BUSY_TIMEOUT_MS = 30_000
 WAL_LIMIT = 4 * 2**20  # bytes a checkpointed WAL is truncated to
 _CHUNK_COLS = ("key", "namespace", "parent", "position", "n_tokens", "tokens", "file", "bytes",
-               "checksum", "created", "last_used", "hits")
+               "checksum", "created", "last_used", "hits", "head")
+
+
+def head_of(tokens: bytes) -> bytes:
+    """`chunks.head` of a chunk whose tokens are `tokens` (uint32-LE): its first HEAD_TOKENS
+    tokens as uint32 big-endian, so that SQLite's byte order of heads is the tokens' order and
+    the siblings next to a prompt in that order share the most leading tokens with it."""
+    return np.frombuffer(tokens, dtype="<u4")[:HEAD_TOKENS].astype(">u4").tobytes()
 
 
 class Index:
@@ -104,7 +113,7 @@ class Index:
         its own recency and hit count.
         """
         now = time.time()
-        row = {"created": now, "last_used": now, "hits": 0, **row}
+        row = {"created": now, "last_used": now, "hits": 0, **row, "head": head_of(row["tokens"])}
         with self.db.conn:
             cur = self.db.conn.execute(
                 f"INSERT INTO chunks ({', '.join(_CHUNK_COLS)}) "
@@ -123,6 +132,19 @@ class Index:
                     (row["key"], row["namespace"], row["position"] + row["n_tokens"]))
         return inserted
 
+    def add_chunks(self, rows: Iterable[dict]) -> None:
+        """Insert many chunk rows (no snapshots) in one transaction, ignoring keys already there."""
+        now = time.time()
+
+        def values(r):
+            r = {"created": now, "last_used": now, "hits": 0, **r, "head": head_of(r["tokens"])}
+            return [r[c] for c in _CHUNK_COLS]
+
+        with self.db.conn:
+            self.db.conn.executemany(
+                f"INSERT OR IGNORE INTO chunks ({', '.join(_CHUNK_COLS)}) VALUES ({', '.join('?' * len(_CHUNK_COLS))})",
+                map(values, rows))
+
     def chunk(self, key: str) -> dict | None:
         rows = self._rows("SELECT * FROM chunks WHERE key = ?", (key,))
         return rows[0] if rows else None
@@ -131,14 +153,14 @@ class Index:
         """Make a row agree with its (self-checking) file: the file is the truth."""
         self._write("UPDATE chunks SET bytes = ?, checksum = ? WHERE key = ?", (nbytes, checksum, key))
 
-    def usage(self) -> dict[str, tuple]:
+    def chunk_times(self) -> dict[str, tuple]:
         """key -> (created, last_used, hits): what only the index knows, carried over a rebuild."""
         return {r[0]: r[1:] for r in self.db.conn.execute("SELECT key, created, last_used, hits FROM chunks")}
 
-    def restore_usage(self, usage: dict[str, tuple]) -> None:
+    def restore_chunk_times(self, times: dict[str, tuple]) -> None:
         with self.db.conn:
             self.db.conn.executemany("UPDATE chunks SET created = ?, last_used = ?, hits = ? WHERE key = ?",
-                                     [(*v, k) for k, v in usage.items()])
+                                     [(*v, k) for k, v in times.items()])
 
     def chunk_bytes_range(self) -> tuple[int, int] | None:
         """(smallest, largest) chunk file size, or None when no chunk is indexed."""
@@ -156,8 +178,25 @@ class Index:
                 f"SELECT key FROM chunks WHERE key IN ({','.join('?' * len(part))})", part))
         return found
 
-    def children(self, namespace: str, parent: str | None) -> list[dict]:
-        return self._rows("SELECT * FROM chunks WHERE namespace = ? AND parent IS ?", (namespace, parent))
+    def nearest_children(self, namespace: str, parent: str | None, head: bytes, limit: int) -> list[dict]:
+        """Children of `parent` that may share the most leading tokens with a continuation whose
+        head (see `head_of`) is `head`: up to `limit` of those with exactly that head, most
+        recently used first; if there are none, the children just before and just after it in
+        head order (a sibling sharing more tokens than both cannot exist). Three index probes,
+        however many children `parent` has."""
+        where = "namespace = ? AND parent IS ? AND head"
+        rows = self._rows(f"SELECT * FROM chunks WHERE {where} = ? ORDER BY last_used DESC LIMIT ?",
+                          (namespace, parent, head, limit))
+        if rows:
+            return rows
+        return [*self._rows(f"SELECT * FROM chunks WHERE {where} < ? ORDER BY head DESC LIMIT 1",
+                            (namespace, parent, head)),
+                *self._rows(f"SELECT * FROM chunks WHERE {where} > ? ORDER BY head LIMIT 1",
+                            (namespace, parent, head))]
+
+    def chunks(self, keys: list[str]) -> list[dict]:
+        """The rows of those of `keys` that are indexed (any order)."""
+        return self._rows(f"SELECT * FROM chunks WHERE key IN ({','.join('?' * len(keys))})", keys) if keys else []
 
     def children_of(self, key: str) -> list[str]:
         return [r["key"] for r in self._rows("SELECT key FROM chunks WHERE parent = ?", (key,))]
@@ -207,21 +246,44 @@ class Index:
     def warmed(self) -> list[dict]:
         return self._rows("SELECT * FROM warmed ORDER BY id")
 
+    def warmed_count(self) -> int:
+        return self.db.conn.execute("SELECT count(*) FROM warmed").fetchone()[0]
+
     def delete_warmed(self, ids: list[int]) -> None:
         with self.db.conn:
             for i in ids:
                 self.db.conn.execute("DELETE FROM warmed WHERE id = ?", (i,))
 
     def stats(self) -> list[dict]:
+        """Chunks, bytes, tokens and hits per namespace, from the running totals that triggers on
+        `chunks` keep (migration m003): one row read per namespace, whatever the vault's size."""
         return self._rows(
-            "SELECT n.id AS namespace, count(c.key) AS chunks, coalesce(sum(c.bytes), 0) AS bytes, "
-            "coalesce(sum(c.n_tokens), 0) AS tokens, coalesce(sum(c.hits), 0) AS hits "
-            "FROM namespaces n LEFT JOIN chunks c ON c.namespace = n.id GROUP BY n.id ORDER BY n.created")
+            "SELECT n.id AS namespace, coalesce(t.chunks, 0) AS chunks, coalesce(t.bytes, 0) AS bytes, "
+            "coalesce(t.tokens, 0) AS tokens, coalesce(t.hits, 0) AS hits "
+            "FROM namespaces n LEFT JOIN totals t ON t.namespace = n.id ORDER BY n.created")
+
+    # disk usage (the running count behind the disk cap: promptvault.vault.tiers)
+    def usage(self) -> dict | None:
+        """The running count's row (shards, other, unit, measured), or None if never measured."""
+        rows = self._rows("SELECT shards, other, unit, measured FROM usage WHERE id = 1")
+        return rows[0] if rows else None
+
+    def set_usage(self, walked: int, live: int, unit: int) -> None:
+        """Restart the running count from a full walk: `walked` bytes under the vault, of which
+        `live` are measured afresh each time (index files, quarantine). The indexed shards are
+        recounted in the same transaction, so chunks added or removed meanwhile by other
+        processes are not lost; what is neither goes to `other` (never below 0)."""
+        with self.db.conn:
+            self.db.conn.execute("INSERT OR IGNORE INTO usage VALUES (1, 0, 0, ?, 0)", (unit,))
+            self.db.conn.execute(
+                "UPDATE usage SET unit = ?1, measured = ?2, "
+                "shards = (SELECT coalesce(sum(((bytes + ?1 - 1) / ?1) * ?1), 0) FROM chunks) WHERE id = 1", (unit, time.time()))
+            self.db.conn.execute("UPDATE usage SET other = max(0, ? - shards) WHERE id = 1", (walked - live,))
 
     def clear(self) -> None:
         """Forget every chunk and namespace (reindex refills them from the files)."""
         with self.db.conn:
-            for table in ("snapshots", "chunks", "namespaces"):
+            for table in ("snapshots", "chunks", "namespaces", "totals"):
                 self.db.conn.execute(f"DELETE FROM {table}")
 
 

@@ -9,16 +9,36 @@ left to be recomputed, because generation needs its logits.
 
 Layers with recurrent state (ArraysCache) cannot be cut mid-block: in such namespaces reuse
 stops only where a stored snapshot was taken (a chunk end).
+
+The cost does not grow with the vault. Full blocks are found by key. The chunk that extends them
+is found without reading every sibling (a vault of a million prompts has a million first blocks,
+all children of "no parent"): the index keeps each chunk's first HEAD_TOKENS (16) tokens as a
+big-endian `head`, so SQLite orders siblings by their leading tokens, and
+`Index.nearest_children` returns
+- when some siblings begin with the prompt's next 16 tokens: those, the MAX_CANDIDATES (32) most
+  recently used first; their token-level prefix with the prompt is computed as before;
+- otherwise the two siblings next to the prompt in head order, which share the most leading
+  tokens with it (fewer than 16) — so reuse below 16 tokens inside a block is still found.
+When that group is full, the chunks the prompt continues whole (a stored shorter prompt's tail
+leaf, say an earlier turn of the same chat) are also looked up by key, one per possible length.
+What this gives up: when more than 32 siblings share the prompt's next 16 tokens (many stored
+prompts with one long common beginning that ends inside a block, e.g. a system prompt), an older
+sibling that shares more tokens with the prompt but not all of its own is not compared, so the
+reuse may stop at the common beginning. In ArraysCache namespaces only whole chunks count, and
+those are always looked up by key, so nothing is given up there.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
-from promptvault.vault.index import Index
-from promptvault.vault.keys import block_keys, bytes_to_tokens
+from promptvault.vault.index import Index, head_of
+from promptvault.vault.keys import ROOT, block_keys, bytes_to_tokens, tokens_to_bytes
+
+MAX_CANDIDATES = 32  # siblings compared at most when many share the prompt's next 16 tokens
 from promptvault.vault.namespace import Namespace, canonical_json
 
 
@@ -56,8 +76,15 @@ def plan(index: Index, ns: Namespace, tokens: np.ndarray) -> Plan:
     pos = len(chain) * B
     parent = chain[-1]["key"] if chain else None
     snapshots = exact_only(ns)
+    rest = tokens[pos : pos + B]
+    if snapshots:
+        candidates = index.chunks(_leaf_keys(parent, ns.digest, rest[: B - 1]))
+    else:
+        candidates = index.nearest_children(ns.id, parent, head_of(tokens_to_bytes(rest)), MAX_CANDIDATES)
+        if len(candidates) == MAX_CANDIDATES:  # maybe cut: whole chunks the prompt continues, by key
+            candidates += index.chunks(_leaf_keys(parent, ns.digest, rest[: B - 1]))
     best, best_len = None, 0
-    for child in index.children(ns.id, parent):
+    for child in candidates:
         ctoks = bytes_to_tokens(child["tokens"])
         n = common_prefix(ctoks, tokens[pos : pos + len(ctoks)])
         if snapshots and n < len(ctoks):
@@ -75,3 +102,16 @@ def plan(index: Index, ns: Namespace, tokens: np.ndarray) -> Plan:
         return Plan(0, [])
     needed = int(np.searchsorted(ends, reuse)) + 1  # chunks covering [0, reuse)
     return Plan(reuse, chain[:needed])
+
+
+def _leaf_keys(parent: str | None, digest: bytes, rest: np.ndarray) -> list[str]:
+    """Keys of the leaves that would hold exactly rest[:1], rest[:2], … (`keys.chunk_key`,
+    hashed incrementally: one pass over the tokens)."""
+    h = hashlib.blake2b(digest_size=32)
+    h.update(bytes.fromhex(parent) if parent else ROOT)
+    h.update(digest)
+    data, keys = tokens_to_bytes(rest), []
+    for i in range(0, len(data), 4):
+        h.update(data[i : i + 4])
+        keys.append(h.copy().hexdigest())
+    return keys

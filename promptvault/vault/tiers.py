@@ -3,9 +3,22 @@
 RAM holds verified, still-compressed payloads (the codes and norms as read from a shard), so a
 hot prefix skips the file read and checksum but still costs only its compressed size in memory.
 
-The disk cap counts everything under the vault directory (shards, index, WAL, quarantine),
-measured from the filesystem rather than from the index, so files other processes wrote and files
-the index forgot still count (LMCache filled 460 GB of a 250 GB cap by trusting its own ledger).
+The disk cap counts everything under the vault directory (shards, index, WAL, quarantine), and
+files other processes wrote count too (LMCache filled 460 GB of a 250 GB cap by trusting its
+own ledger). Walking a million files takes seconds, so the count is a running one kept in the
+shared index (`Index.usage`), not in any process's memory:
+- indexed shards: each chunk's size rounded up to the filesystem's block, added and subtracted
+  by SQLite triggers as rows come and go, whichever process writes them;
+- the index files (database, WAL, shared memory), the warmed-prompts ledger and quarantine/:
+  measured afresh each time;
+- everything else (vault.json, lock, temp files, files no row names): the baseline the last full
+  walk found beyond the two above.
+A full walk restarts the count: at the first check of a vault that has none, and in `reconcile`
+(gc and verify call it). It keeps the larger of the walk and the indexed shards' count (the
+baseline never goes below zero), so the count errs high (evicting early), not low. What it
+cannot see until the next walk: files that appear under the vault without an index row (a
+writer's shard between its rename and its row — one block per live writer — or anything written
+there by something other than promptvault).
 Eviction removes chunks that nothing extends first — tail leaves before their blocks, the end of
 a chain before its start — because a missing first block makes every later block unreachable.
 Files that cannot be deleted are skipped, never retried in a loop.
@@ -19,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from promptvault.vault import ledger
 from promptvault.vault.index import Index
 
 
@@ -85,19 +99,50 @@ class DiskTier:
     shards: Path  # where chunk files live
     cap: int | None
 
+    def usage(self, index: Index) -> int:
+        """Bytes the vault uses, from the running count (a full walk if there is none yet)."""
+        row = index.usage()
+        if row is None:
+            return self.reconcile(index)
+        return row["shards"] + row["other"] + self._live()
+
+    def shard_usage(self, index: Index) -> int:
+        """Bytes the indexed shards take, from the running count (walked first if there is none)."""
+        if index.usage() is None:
+            self.reconcile(index)
+        row = index.usage()
+        return row["shards"] if row is not None else disk_usage(self.shards)
+
+    def reconcile(self, index: Index) -> int:
+        """Walk the whole vault, restart the running count from what is there; returns the usage
+        (the walk's total, or more where indexed shards count for more than the walk found)."""
+        live = self._live()
+        walked = disk_usage(self.root)
+        if index.read_only or index.path is None:
+            return walked
+        index.set_usage(walked, live, os.statvfs(self.root).f_frsize or 4096)
+        return self.usage(index)
+
+    def _live(self) -> int:
+        """What changes without a chunk row changing: the index files, the warmed-prompts ledger
+        and quarantine/."""
+        files = sum(allocated(self.root / name) for name in
+                    ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", ledger.NAME))
+        return files + disk_usage(self.root / "quarantine")
+
     def enforce(self, index: Index, on_evict: Callable[[str], None]) -> list[str]:
         """Evict leaf-first, least recently used, until usage <= cap; returns the evicted keys.
 
-        Usage is re-measured after each round, with the index WAL checkpointed first: deleting
-        rows writes to the WAL, which counts too.
+        Usage is re-read after each round (O(1): the running count), with the index WAL
+        checkpointed first: deleting rows writes to the WAL, which counts too.
         """
         evicted: list[str] = []
         skipped: list[str] = []
-        if self.cap is None or disk_usage(self.root) <= self.cap:
+        if self.cap is None or self.usage(index) <= self.cap:
             return evicted
         while True:
             index.checkpoint()
-            over = disk_usage(self.root) - self.cap
+            over = self.usage(index) - self.cap
             rows = index.eviction_candidates(limit=64, exclude=skipped) if over > 0 else []
             batch, freed = [], 0
             for row in rows:

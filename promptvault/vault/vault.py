@@ -43,7 +43,7 @@ from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json, make_namespace
 from promptvault.vault.shards import SUFFIX, CorruptShard, read_metadata, read_shard, relpath, write_shard
-from promptvault.vault.tiers import DiskTier, RamTier, disk_usage
+from promptvault.vault.tiers import DiskTier, RamTier
 
 log = logging.getLogger(__name__)
 
@@ -588,9 +588,9 @@ class Vault:
         quarantine = self.root / "quarantine"
         return {
             "path": str(self.root), "block_size": self.block_size, "disk_cap": self.disk.cap,
-            "disk_bytes": disk_usage(self.root), "shard_bytes": disk_usage(self.shards),
+            "disk_bytes": self.disk.usage(self.index), "shard_bytes": sum(r["bytes"] for r in rows),
             "ram_cap": self.ram.cap, "ram_bytes": self.ram.nbytes, "ram_chunks": len(self.ram),
-            "namespaces": rows, "warmed": len(self.index.warmed()),
+            "namespaces": rows, "warmed": self.index.warmed_count(),
             "quarantined": len(list(quarantine.iterdir())) if quarantine.exists() else 0,
         }
 
@@ -625,6 +625,7 @@ class Vault:
         missing = [r["key"] for r in rows.values()]
         if missing and not self.read_only:
             self.index.delete_chunks(missing)
+        self.disk.reconcile(self.index)  # a read-only index is walked, not written
         return {"checked": checked, "ok": ok, "bad": bad, "adopted": adopted, "missing": missing}
 
     def _any_shard_file(self) -> bool:
@@ -644,9 +645,9 @@ class Vault:
 
     def _reindex(self) -> dict:
         try:
-            usage = self.index.usage()
+            times = self.index.chunk_times()
         except sqlite3.DatabaseError:
-            usage = {}
+            times = {}
         try:
             self.index.clear()
         except sqlite3.DatabaseError as e:
@@ -664,7 +665,7 @@ class Vault:
             except (CorruptShard, KeyError, ValueError, TypeError, OSError):
                 bad += 1
                 self._quarantine(path.stem, path)
-        self.index.restore_usage(usage)
+        self.index.restore_chunk_times(times)
         for rec in ledger.replay(self.root):
             self.index.add_warmed(**rec)
         self._drop_stale_warmed()
@@ -717,10 +718,10 @@ class Vault:
         if span is None:
             return 0
         self.index.checkpoint()  # the WAL counts, and deleting rows writes to it
-        total = disk_usage(self.root)
+        total = self.disk.usage(self.index)
         if total <= cap:
             return 0
-        fixed = total - disk_usage(self.shards)
+        fixed = total - self.disk.shard_usage(self.index)
         if cap < fixed + span[0] and not evict_all:
             raise CapTooSmallError(f"a disk cap of {cap:,} bytes would evict every stored chunk (the index and "
                                    f"other files take {fixed:,} bytes); nothing was evicted: raise the cap, or "
@@ -791,6 +792,7 @@ class Vault:
             except (CorruptShard, KeyError, ValueError, TypeError, OSError):
                 self._quarantine(path.stem, path)
         self._drop_stale_warmed()
+        self.disk.reconcile(self.index)
         evicted = self._enforce_cap(evict_all)
         cleared = 0
         qdir = self.root / "quarantine"
