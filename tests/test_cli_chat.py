@@ -102,3 +102,17 @@ def test_warm_progress_moves_per_prefill_step_on_a_terminal(smollm, exe, tmp_pat
     done = [int(d.replace(",", "")) for d, _ in counts]
     assert len(set(done)) >= 4 and done == sorted(done), done  # one redraw per 128-token block
     assert "tok/s" in child.before and "left" in child.before
+
+
+def test_run_shows_prefill_progress_on_a_terminal_only_when_it_is_long(smollm, exe, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text((Path(__file__).parents[1] / "examples" / "data" / "licenses.txt").read_text()[:4000])
+    args = ["run", "--context", doc, "-p", "Which license is this?", "--max-tokens", 1, "--no-vault"]
+    child = spawn(exe, *args)  # ~850 tokens cold: a 512-token step takes seconds on 2 cores
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0, child.before
+    assert re.search(r"prefill \[[#-]+\] [\d,]+/[\d,]+ tokens, [\d,]+ tok/s", child.before), child.before
+    short = spawn(exe, "run", "-p", "Hi", "--max-tokens", 1, "--no-vault")
+    short.expect(pexpect.EOF)
+    assert "prefill [" not in short.before

@@ -51,12 +51,6 @@ def test_warm_stores_exactly_the_prefix_a_context_run_starts_with(smollm, doc, t
         warmed["tokens"]
 
 
-def test_context_run_answers_from_the_document(smollm, tmp_path):
-    out = ok_json("run", "--context", DOC, "-p", "What is the name of the first license in the text?",
-                  "--max-tokens", 16, "--no-vault")
-    assert "Apache" in out["text"]
-
-
 def test_run_messages_takes_the_documented_shapes(smollm, tmp_path):
     conversation = [{"role": "user", "content": "Name a color."}]
     shapes = {"list.json": conversation, "object.json": {"messages": conversation}, "nested.json": [conversation]}

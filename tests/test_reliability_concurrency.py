@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, is_long, pv, record,
-                                     shard_files, temp_files, text, tokens)
+                                     shard_files, temp_files, text, tokens, doc_tokens)
 from promptvault.vault import Vault
 from promptvault.vault.tiers import disk_usage
 from promptvault.vault.vault import _chain_keys
@@ -62,7 +62,7 @@ def test_processes_warming_and_running_overlapping_prompts(smollm, tmp_path, req
         for k in range(VARIANTS):
             for path in (prompts[k], questions[k]):
                 if path in prompts[: min(n, VARIANTS)] or path in [questions[(i + 1) % VARIANTS] for i in range(n)]:
-                    toks = tokens(lm, path.read_text())
+                    toks = (doc_tokens if path in prompts else tokens)(lm, path.read_text())
                     expected |= set(_chain_keys(ns, toks, v._spans(len(toks))))
         report = v.verify()
     keys = [r["key"] for r in rows]

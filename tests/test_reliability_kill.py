@@ -18,7 +18,7 @@ import time
 import pytest
 
 from test_reliability_common import (BLOCK, EXE, LOSSLESS, QUESTION, cold_text, index_rows, is_long, pv, record,
-                                     shard_files, temp_files, text, tokens, vault_run)
+                                     shard_files, temp_files, text, tokens, vault_run, doc_tokens)
 from promptvault.vault import Vault
 
 
@@ -41,7 +41,7 @@ def setup(smollm, tmp_path_factory):
     assert proc.wait() == 0
     total = time.monotonic() - t0
     lm = smollm
-    doc_toks = tokens(lm, doc.read_text())
+    doc_toks = doc_tokens(lm, doc.read_text())
     q_toks = tokens(lm, doc.read_text() + QUESTION)
     return {
         "lm": lm, "doc": doc, "other": other, "seed": seed, "ref_keys": {r["key"] for r in index_rows(ref)},
