@@ -51,6 +51,21 @@ def test_warm_stores_exactly_the_prefix_a_context_run_starts_with(smollm, doc, t
         warmed["tokens"]
 
 
+def test_warm_join_stores_several_documents_as_one_context(smollm, tmp_path):
+    text = DOC.read_text()
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(text[:700])
+    b.write_text(text[700:1400])
+    common = ["--vault", tmp_path / "v", "--block-size", 32, "--quality", "exact"]
+    [joined] = ok_json("warm", "--join", a, b, *common)["prompts"]
+    out = ok_json("run", "--context", a, "--context", b, "-p", "Which license?", "--max-tokens", 1, "--no-save",
+                  *common)
+    assert out["reused_tokens"] == joined["tokens"]
+    messages = tmp_path / "m.json"
+    messages.write_text(json.dumps([{"role": "user", "content": "hi"}]))
+    assert_one_line_error(cli("run", "--context", a, "--messages", messages, *common), 2, "--context")
+
+
 def test_run_messages_takes_the_documented_shapes(smollm, tmp_path):
     conversation = [{"role": "user", "content": "Name a color."}]
     shapes = {"list.json": conversation, "object.json": {"messages": conversation}, "nested.json": [conversation]}

@@ -97,8 +97,12 @@ def chat_cmd(context_files, session, system, max_tokens, temp, top_p, seed, mode
                         sys.stdout.write(text)
                         sys.stdout.flush()
 
-                    result = conversation.ask(lm, line, vault=vault, max_tokens=max_tokens, temp=temp, top_p=top_p,
-                                              seed=seed, on_text=on_text, on_prefill=bar)
+                    try:
+                        result = conversation.ask(lm, line, vault=vault, max_tokens=max_tokens, temp=temp,
+                                                  top_p=top_p, seed=seed, on_text=on_text, on_prefill=bar)
+                    except KeyboardInterrupt:  # Ctrl-C stops this answer, not the conversation
+                        click.echo("\n(interrupted: this turn was dropped)", err=True)
+                        continue
                 click.echo("")
                 click.echo(_report(result), err=True)
             if session:

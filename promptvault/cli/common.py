@@ -90,7 +90,15 @@ def model_option(fn):
                         help="mlx-lm dir, Hugging Face id, .gguf file, or alias [default: SmolLM2-135M-Instruct].")(fn)
 
 
+def _reject_chat(ctx, param, value):
+    if value:
+        raise click.UsageError("--chat is gone: the chat template is now applied by default "
+                               "(--raw sends the text as is)")
+
+
 def raw_option(fn):
+    """--raw (alias --ignore-chat-template, as mlx-lm); the old --chat flag fails with a hint."""
+    fn = click.option("--chat", is_flag=True, hidden=True, expose_value=False, callback=_reject_chat)(fn)
     return click.option("--raw", "--ignore-chat-template", "raw", is_flag=True,
                         help="Send text as is, without the model's chat template.")(fn)
 

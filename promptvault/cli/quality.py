@@ -35,7 +35,7 @@ QUALITY = {q.name: q for q in (
 )}
 
 HELP = "Codec preset: " + "; ".join(f"{q.name} = {q.summary}" for q in QUALITY.values()) + \
-    " (README: Choosing bits)."
+    " (README: Using it, quality presets)."
 
 
 def quality_of(codec_json: dict | None) -> str | None:

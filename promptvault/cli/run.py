@@ -46,12 +46,6 @@ def _prompt(prompt, prompt_file, messages) -> Prompt:
     return read_sources(["-"])[0]
 
 
-def _reject_chat(ctx, param, value):
-    if value:
-        raise click.UsageError("--chat is gone: the chat template is now applied by default "
-                               "(--raw sends the text as is)")
-
-
 def run_tokens(tokenizer, source: Prompt, context: list[str], raw: bool, system: str | None) -> list[int]:
     """The run's tokens: a conversation file as is; text (after any --context documents) as one
     user message through the chat template, or raw (promptvault.prompting has the rules)."""
@@ -83,7 +77,6 @@ def run_tokens(tokenizer, source: Prompt, context: list[str], raw: bool, system:
                    "prompt; `promptvault warm FILE` stores exactly that start.")
 @click.option("--system", default=None, help="System message (replaces the template's default one).")
 @raw_option
-@click.option("--chat", is_flag=True, hidden=True, expose_value=False, callback=_reject_chat)
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temp", type=click.FloatRange(min=0.0), default=0.0, show_default=True)
 @click.option("--top-p", type=click.FloatRange(min=0.0, max=1.0), default=1.0, show_default=True)

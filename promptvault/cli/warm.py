@@ -8,7 +8,6 @@ import click
 from promptvault.cli.common import (codec_options, json_option, make_codec, model_option, open_vault, raw_option,
                                     vault_options)
 from promptvault.cli.progress import Progress
-from promptvault.cli.run import _reject_chat
 from promptvault.sources import Prompt, prompt_tokens, read_sources
 from promptvault.tables import format_table
 from promptvault.vault.sizes import fp16_bytes_per_token
@@ -27,7 +26,6 @@ def _tokens(tokenizer, prompt: Prompt, raw: bool, system: str | None) -> list[in
 @click.command("warm")
 @click.argument("sources", nargs=-1, required=True)
 @raw_option
-@click.option("--chat", is_flag=True, hidden=True, expose_value=False, callback=_reject_chat)
 @click.option("--system", default=None, help="System message (as given to the runs that will reuse them).")
 @click.option("--join", is_flag=True,
               help="Store the text sources as ONE document, in order (for `run --context A --context B`).")
