@@ -7,6 +7,10 @@ the first token: straight from the live cache when every layer is a plain KVCach
 the prompt are still there), otherwise by `Vault.warm`, which recomputes them (a ring has dropped
 old rows, recurrent state has moved on). Without a vault the run is an ordinary cold mlx-lm
 generation, for comparison.
+
+A conversation (`promptvault chat`) stores more than the prompt: `store_tokens` maps the answer's
+text to the tokens the next turn will start with (the history rendered with this answer), and
+the cache rows that match them are stored, so the next turn prefills only its new message.
 """
 
 import logging
@@ -20,8 +24,13 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from promptvault.errors import PromptvaultError
+from promptvault.vault.caches import UnsupportedCacheError
+from promptvault.prompting import common_prefix
 
 log = logging.getLogger(__name__)
+# Prompt tokens per prefill step: small enough that a progress line moves every second or two
+# on a CPU, large enough to keep the matmuls efficient.
+PREFILL_STEP = 512
 
 
 @dataclass
@@ -54,8 +63,13 @@ def run_prompt(
     top_p: float = 1.0,
     seed: int | None = None,
     on_text: Callable[[str], None] | None = None,
+    on_prefill: Callable[[int, int], None] | None = None,
+    store_tokens: Callable[[str], list[int]] | None = None,
 ) -> RunResult:
-    """Generate up to max_tokens after `tokens`; `on_text` receives text as it streams."""
+    """Generate up to max_tokens after `tokens`; `on_text` receives text as it streams,
+    `on_prefill(done, total)` the prompt tokens processed (restored ones count as done) after
+    each prefill step. `store_tokens(answer_text)` gives the tokens to store after the answer
+    instead of the prompt (see the module docstring)."""
     if not tokens:
         raise PromptvaultError("empty prompt: nothing to run")
     if max_tokens < 1:
@@ -69,15 +83,18 @@ def run_prompt(
     else:
         cache, reused, tier, restore_s = make_prompt_cache(lm.model), 0, "none", 0.0
     prefill_start = time.perf_counter()
-    pieces, ttft_s, prefill_s, last = [], 0.0, 0.0, None
+    pieces, answer, ttft_s, prefill_s, last = [], [], 0.0, 0.0, None
+    progress = None if on_prefill is None else (lambda done, total: on_prefill(reused + done, reused + total))
     for response in stream_generate(
         lm.model, lm.tokenizer, mx.array(tokens[reused:]), max_tokens=max_tokens,
         sampler=make_sampler(temp=temp, top_p=top_p), prompt_cache=cache,
+        prefill_step_size=PREFILL_STEP, prompt_progress_callback=progress,
     ):
         if last is None:
             now = time.perf_counter()
             ttft_s, prefill_s = now - start, now - prefill_start
         last = response
+        answer.append(int(response.token))
         pieces.append(response.text)
         if on_text is not None and response.text:
             on_text(response.text)
@@ -86,14 +103,32 @@ def run_prompt(
         log.warning("the vault at %s is read-only: this prompt's new blocks were not stored", vault.root)
     elif vault is not None and save:
         save_start = time.perf_counter()
-        if all(type(layer) is KVCache for layer in cache):
-            stored = vault.save(lm, cache, tokens)
-        else:
-            stored = vault.warm(lm, tokens)
-        saved, save_s = stored.written, time.perf_counter() - save_start
+        wanted = None if store_tokens is None else list(store_tokens("".join(pieces)))
+        keep = _tokens_to_store(tokens, answer, cache, wanted)
+        try:
+            if all(type(layer) is KVCache for layer in cache):
+                stored = vault.save(lm, cache, keep)
+            else:
+                stored = vault.warm(lm, keep)
+            saved = stored.written
+        except UnsupportedCacheError as e:  # the answer stands; only storing it is impossible
+            log.warning("%s: this prompt was not stored", e)
+        save_s = time.perf_counter() - save_start
     return RunResult(
         text="".join(pieces), prompt_tokens=len(tokens), reused_tokens=reused, tier=tier,
         saved_chunks=saved, save_s=save_s, restore_s=restore_s, prefill_s=prefill_s, ttft_s=ttft_s,
         generation_tokens=last.generation_tokens, generation_tps=last.generation_tps,
         finish_reason=last.finish_reason,
     )
+
+
+def _tokens_to_store(prompt: list[int], answer: list[int], cache: list, wanted: list[int] | None) -> list[int]:
+    """The prompt, or the longest prefix of `wanted` that the live cache holds rows for (the
+    prompt then the answer tokens fed back), never less than the prompt. A ring or recurrent
+    layer is re-prefilled by warm, so there all of `wanted` goes."""
+    if wanted is None:
+        return prompt
+    if not all(type(layer) is KVCache for layer in cache):
+        return wanted
+    n = common_prefix((prompt + answer)[:cache[0].offset], wanted)
+    return wanted[:n] if n > len(prompt) else prompt

@@ -3,8 +3,8 @@
 Accepted shapes (the same files vllm-mlx's `--warm-prompts` takes, plus plain text):
   - a text file (or `-` for stdin): one prompt, its whole text;
   - a directory: every regular, non-hidden file below it, in sorted order, as text prompts;
-  - `.json`: a list of strings, or a list of chat conversations (each a list of
-    {"role", "content"} messages);
+  - `.json`: one chat conversation (a list of {"role", "content"} messages, or
+    {"messages": [...]}), a list of strings, or a list of conversations;
   - `.jsonl`: one object per line, {"prompt": "..."} or {"messages": [...]}.
 Malformed input is a PromptSourceError naming the file (and line), never a partial result.
 """
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from promptvault.errors import PromptvaultError
+from promptvault.prompting import encode, encode_messages, has_chat_template
 
 
 class PromptSourceError(PromptvaultError):
@@ -45,7 +46,7 @@ def _text_prompt(text: str, where: str) -> Prompt:
     return Prompt(source=where, text=text)
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -58,11 +59,16 @@ def _read_text(path: Path) -> str:
 
 def _from_json(path: Path) -> list[Prompt]:
     try:
-        data = json.loads(_read_text(path))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise PromptSourceError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    if isinstance(data, dict) and "messages" in data:
+        return [Prompt(source=str(path), messages=_check_messages(data["messages"], str(path)))]
     if not isinstance(data, list) or not data:
-        raise PromptSourceError(f"{path}: expected a non-empty JSON list of strings or of message lists")
+        raise PromptSourceError(f"{path}: expected a non-empty JSON list of strings or of message lists, "
+                                'or {"messages": [...]}')
+    if all(isinstance(item, dict) for item in data):  # one conversation: [{role, content}, …]
+        return [Prompt(source=str(path), messages=_check_messages(data, str(path)))]
     prompts = []
     for i, item in enumerate(data):
         where = f"{path}[{i}]"
@@ -75,7 +81,7 @@ def _from_json(path: Path) -> list[Prompt]:
 
 def _from_jsonl(path: Path) -> list[Prompt]:
     prompts = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -106,7 +112,7 @@ def _from_path(path: Path) -> list[Prompt]:
         return _from_json(path)
     if path.suffix == ".jsonl":
         return _from_jsonl(path)
-    return [_text_prompt(_read_text(path), str(path))]
+    return [_text_prompt(read_text(path), str(path))]
 
 
 def read_sources(sources: list[str], stdin=None) -> list[Prompt]:
@@ -124,14 +130,10 @@ def read_sources(sources: list[str], stdin=None) -> list[Prompt]:
 
 def prompt_tokens(tokenizer, prompt: Prompt, chat: bool = False, system: str | None = None) -> list[int]:
     """Token ids of a prompt: messages through the chat template (with the generation prompt
-    appended, as a run would use them); text raw, or as one user message when `chat`."""
-    messages = prompt.messages
-    if messages is None and (chat or system):
-        messages = ({"role": "user", "content": prompt.text},)
-    if messages is None:
-        return list(tokenizer.encode(prompt.text, add_special_tokens=True))
-    if system:
-        messages = ({"role": "system", "content": system}, *messages)
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise PromptSourceError(f"{prompt.source}: the model has no chat template for chat messages")
-    return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True))
+    appended, as a run would use them); text raw, or as one user message when `chat` (see
+    promptvault.prompting for the CLI's chat-by-default rules)."""
+    if prompt.messages is not None:
+        if not has_chat_template(tokenizer):
+            raise PromptSourceError(f"{prompt.source}: the model has no chat template for chat messages")
+        return encode_messages(tokenizer, list(prompt.messages), system=system)
+    return encode(tokenizer, prompt.text, raw=not (chat or system), system=system)

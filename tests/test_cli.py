@@ -164,7 +164,7 @@ def test_installed_executable_runs_and_reports_json(smollm, tmp_path):
     env = {**os.environ, "PROMPTVAULT_HOME": str(vault)}
     # Lossless, so the restored run must produce exactly the cold run's text (with lossy coding
     # this prompt's top two first tokens are close enough to swap).
-    args = [exe, "run", "--prompt", "What is the capital of France?", "--chat", "--max-tokens", "12", "--json",
+    args = [exe, "run", "--prompt", "What is the capital of France?", "--max-tokens", "12", "--json",
             "--key-bits", "lossless", "--value-bits", "lossless"]
     first = json.loads(subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout)
     second = json.loads(subprocess.run(args, env=env, capture_output=True, text=True, check=True).stdout)

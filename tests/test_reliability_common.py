@@ -19,6 +19,7 @@ from pathlib import Path
 
 from promptvault.cli.common import make_codec
 from promptvault.generate import run_prompt
+from promptvault.prompting import context_prefix
 from promptvault.sources import Prompt, prompt_tokens
 from promptvault.vault import Vault
 from promptvault.vault.shards import SUFFIX
@@ -52,8 +53,13 @@ def pv(*args, check=False, timeout=300, prefix=(), **kw) -> subprocess.Completed
 
 
 def tokens(lm, prompt_text: str) -> list[int]:
-    """The tokens the CLI uses for a plain-text prompt (warm FILE / run --prompt-file FILE)."""
-    return prompt_tokens(lm.tokenizer, Prompt(source="x", text=prompt_text))
+    """The tokens `run --prompt-file FILE` uses for a plain-text prompt (chat template applied)."""
+    return prompt_tokens(lm.tokenizer, Prompt(source="x", text=prompt_text.strip()), chat=True)
+
+
+def doc_tokens(lm, doc_text: str) -> list[int]:
+    """The tokens `warm FILE` stores for a plain-text document (the start of every run about it)."""
+    return context_prefix(lm.tokenizer, [doc_text], raw=False)
 
 
 def cold_text(lm, toks) -> str:

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, is_long, pv, record,
-                                     shard_files, temp_files, text, tokens)
+                                     shard_files, temp_files, text, tokens, doc_tokens)
 from promptvault.vault import Vault
 from promptvault.vault.shards import read_shard
 from promptvault.vault.tiers import disk_usage
@@ -63,7 +63,7 @@ def test_processes_warming_and_running_overlapping_prompts(smollm, tmp_path, req
         for k in range(VARIANTS):
             for path in (prompts[k], questions[k]):
                 if path in prompts[: min(n, VARIANTS)] or path in [questions[(i + 1) % VARIANTS] for i in range(n)]:
-                    toks = tokens(lm, path.read_text())
+                    toks = (doc_tokens if path in prompts else tokens)(lm, path.read_text())
                     expected |= set(_chain_keys(ns, toks, v._spans(len(toks))))
         report = v.verify()
     keys = [r["key"] for r in rows]
@@ -136,7 +136,7 @@ def test_lossy_concurrent_warms_keep_one_set_of_bytes_per_chunk(smollm, tmp_path
             for row in rows:  # the index agrees with the file that won
                 assert read_shard(vault / "shards" / row["file"]).checksum == row["checksum"]
             for p in prompts:
-                toks = tokens(smollm, p.read_text())
+                toks = doc_tokens(smollm, p.read_text())  # what `warm FILE` stored
                 res = v.restore(smollm, toks)
                 assert (res.tokens_reused, res.quarantined, res.missing) == (len(toks) - 1, [], [])
         keys = [r["key"] for r in rows]

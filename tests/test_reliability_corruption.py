@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from test_reliability_common import (BLOCK, CODEC, LOSSLESS, MAX_TOKENS, QUESTION, cold_text, index_rows, is_long, pv,
-                                     record, text, tokens, vault_run)
+                                     record, text, tokens, vault_run, doc_tokens)
 from promptvault.vault import DEFAULT_CODEC, Vault
 
 
@@ -32,7 +32,7 @@ def base(smollm, tmp_path_factory):
     pv("warm", doc, "--vault", vault, "--block-size", BLOCK, *LOSSLESS, check=True)
     q_toks = tokens(smollm, question.read_text())
     return {"lm": smollm, "doc": doc, "question": question, "vault": vault, "q_toks": q_toks,
-            "doc_toks": tokens(smollm, doc.read_text()), "cold": cold_text(smollm, q_toks),
+            "doc_toks": doc_tokens(smollm, doc.read_text()), "cold": cold_text(smollm, q_toks),
             "keys": {r["key"] for r in index_rows(vault)}, "rows": index_rows(vault)}
 
 

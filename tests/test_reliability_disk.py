@@ -13,7 +13,7 @@ import subprocess
 import pytest
 
 from test_reliability_common import (BLOCK, LOSSLESS, QUESTION, cold_text, index_rows, pv, record,
-                                     shard_files, temp_files, text, tokens, vault_run)
+                                     shard_files, temp_files, text, tokens, vault_run, doc_tokens)
 from promptvault.vault import Vault
 
 
@@ -33,11 +33,12 @@ def _mount(*args) -> bool:
 @pytest.fixture
 def prompts(smollm, tmp_path):
     small = tmp_path / "small.txt"
-    small.write_text(text(0, 400))  # ~85 tokens: 3 chunks
+    small.write_text(text(0, 400))  # ~85 tokens (~110 with the chat template's header): 4 chunks
     big = tmp_path / "big.txt"
     big.write_text(text(3000, 1500))  # ~330 tokens: 11 chunks
     q_toks = tokens(smollm, small.read_text() + QUESTION)
-    return {"small": small, "big": big, "q_toks": q_toks, "cold": cold_text(smollm, q_toks)}
+    return {"small": small, "big": big, "q_toks": q_toks, "cold": cold_text(smollm, q_toks),
+            "small_chunks": -(-len(doc_tokens(smollm, small.read_text())) // BLOCK)}
 
 
 def _check_intact(lm, vault, before: set, prompts) -> int:
@@ -140,7 +141,7 @@ def test_vault_without_write_permission_is_read_only(smollm, prompts, tmp_path):
         for verb in ("ls", "stats", "verify"):
             res = pv(verb, "--vault", vault, "--json", prefix=NO_CAPS)
             assert res.returncode == 0, (verb, res.stderr)
-        assert json.loads(pv("stats", "--vault", vault, "--json", prefix=NO_CAPS).stdout)["chunks"] == 3
+        assert json.loads(pv("stats", "--vault", vault, "--json", prefix=NO_CAPS).stdout)["chunks"] == prompts["small_chunks"]
         _one_line_error(pv("warm", prompts["big"], "--vault", vault, prefix=NO_CAPS), "read-only", "cannot warm")
         _one_line_error(pv("gc", "--vault", vault, prefix=NO_CAPS), "read-only")
     finally:

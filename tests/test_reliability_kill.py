@@ -17,8 +17,8 @@ import time
 
 import pytest
 
-from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, index_rows, is_long, pv,
-                                     record, shard_files, temp_files, text, tokens, vault_run)
+from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, doc_tokens, index_rows,
+                                     is_long, pv, record, shard_files, temp_files, text, tokens, vault_run)
 from promptvault.vault import DEFAULT_CODEC, Vault
 
 
@@ -42,7 +42,7 @@ def setup(smollm, tmp_path_factory, request):
     assert proc.wait() == 0
     total = time.monotonic() - t0
     lm = smollm
-    doc_toks = tokens(lm, doc.read_text())
+    doc_toks = doc_tokens(lm, doc.read_text())
     q_toks = tokens(lm, doc.read_text() + QUESTION)
     codec = CODEC if codec_args else DEFAULT_CODEC
     return {

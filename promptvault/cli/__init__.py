@@ -14,6 +14,7 @@ import click
 
 from promptvault import __version__
 from promptvault.cli.bench import bench
+from promptvault.cli.chat import chat_cmd
 from promptvault.cli.doctor import doctor
 from promptvault.cli.maintenance import COMMANDS as MAINTENANCE_COMMANDS
 from promptvault.cli.run import run_cmd
@@ -62,8 +63,8 @@ class OneLineErrorGroup(click.Group):
 def main(verbose):
     """Compressed on-disk prompt caches for MLX / mlx-lm.
 
-    Warm a prompt once (`promptvault warm FILE`); later runs that start with it restore its
-    cache instead of prefilling (`promptvault run --prompt-file FILE`).
+    Warm a document once (`promptvault warm FILE`); later runs about it restore its cache
+    instead of prefilling (`promptvault run --context FILE -p QUESTION`, `promptvault chat`).
     """
     level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
@@ -74,5 +75,5 @@ def main(verbose):
     logger.propagate = False
 
 
-for command in (warm_cmd, run_cmd, *MAINTENANCE_COMMANDS, doctor, bench):
+for command in (warm_cmd, run_cmd, chat_cmd, *MAINTENANCE_COMMANDS, doctor, bench):
     main.add_command(command)

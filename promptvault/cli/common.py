@@ -72,8 +72,10 @@ def vault_options(fn):
 
 
 def codec_options(fn):
-    """--key-bits / --value-bits (and centering) for entries this command writes or reads."""
+    """--quality, or --key-bits / --value-bits, for entries this command writes or reads."""
+    from promptvault.cli.quality import HELP, QUALITY
 
+    @click.option("--quality", type=click.Choice(list(QUALITY)), default=None, help=HELP)
     @click.option("--key-bits", type=Bits(), default=None, help="Bits per key coordinate (1..8 or lossless).")
     @click.option("--value-bits", type=Bits(), default=None, help="Bits per value coordinate (1..8 or lossless).")
     @functools.wraps(fn)
@@ -88,16 +90,35 @@ def model_option(fn):
                         help="mlx-lm dir, Hugging Face id, .gguf file, or alias [default: SmolLM2-135M-Instruct].")(fn)
 
 
+def _reject_chat(ctx, param, value):
+    if value:
+        raise click.UsageError("--chat is gone: the chat template is now applied by default "
+                               "(--raw sends the text as is)")
+
+
+def raw_option(fn):
+    """--raw (alias --ignore-chat-template, as mlx-lm); the old --chat flag fails with a hint."""
+    fn = click.option("--chat", is_flag=True, hidden=True, expose_value=False, callback=_reject_chat)(fn)
+    return click.option("--raw", "--ignore-chat-template", "raw", is_flag=True,
+                        help="Send text as is, without the model's chat template.")(fn)
+
+
 def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(fn)
 
 
-def make_codec(key_bits, value_bits) -> KVCodec | None:
-    """The KVCodec for --key-bits/--value-bits, or None to use the vault's default.
+def make_codec(key_bits, value_bits, quality=None) -> KVCodec | None:
+    """The KVCodec for --quality or --key-bits/--value-bits, or None to use the vault's default.
 
     A given bit width replaces the default's (keeping its centering, 8-bit norms, outlier split
     and lossless sink token); keys are centered whenever they are quantized.
     """
+    if quality is not None:
+        if key_bits is not None or value_bits is not None:
+            raise click.UsageError("give --quality or --key-bits/--value-bits, not both")
+        from promptvault.cli.quality import QUALITY
+
+        return QUALITY[quality].codec
     if key_bits is None and value_bits is None:
         return None
     from promptvault.vault import DEFAULT_CODEC

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from promptvault.cli.common import ByteSize, json_option, open_vault, vault_options
+from promptvault.cli.quality import quality_of
 from promptvault.errors import PromptvaultError
 from promptvault.tables import format_table
 from promptvault.vault.sizes import fp16_bytes_per_token
@@ -43,7 +44,8 @@ def vault_stats(vault) -> dict:
         descriptor = descriptors[ns["namespace"]]
         descriptor = json.loads(descriptor) if isinstance(descriptor, str) else descriptor
         fp16 = ns["tokens"] * fp16_bytes_per_token(descriptor)
-        namespaces.append({**ns, "fp16_bytes": fp16, "ratio_vs_fp16": fp16 / ns["bytes"] if ns["bytes"] else None})
+        namespaces.append({**ns, "fp16_bytes": fp16, "ratio_vs_fp16": fp16 / ns["bytes"] if ns["bytes"] else None,
+                           "quality": quality_of(ns["codec"])})
     chunks = sum(ns["chunks"] for ns in namespaces)
     fp16_total = sum(ns["fp16_bytes"] for ns in namespaces)
     return {
@@ -64,7 +66,7 @@ def _stats_text(s: dict) -> str:
         f"fp16 size    {s['fp16_bytes']:,} bytes" + (f" ({s['ratio_vs_fp16']:.2f}x vs shards)" if s["ratio_vs_fp16"] else ""),
     ]
     rows = [{"namespace": n["namespace"][:12], "chunks": n["chunks"], "tokens": n["tokens"], "bytes": n["bytes"],
-             "ratio_vs_fp16": n["ratio_vs_fp16"], "codec": json.dumps(n["codec"], separators=(",", ":"))}
+             "ratio_vs_fp16": n["ratio_vs_fp16"], "quality": n["quality"] or "custom", "codec": json.dumps(n["codec"], separators=(",", ":"))}
             for n in s["namespaces"]]
     return "\n".join(head) + ("\n\n" + format_table(rows) if rows else "")
 
@@ -190,6 +192,8 @@ def rm_cmd(label, namespace, everything, vault_path, block_size, ram_cap, disk_c
     if sum(x is not None and x is not False for x in (label, namespace, everything or None)) != 1:
         raise click.UsageError("give exactly one of LABEL, --namespace or --all")
     with open_vault(vault_path, block_size, ram_cap, disk_cap) as vault:
+        if label is not None and not any(w["label"] == label for w in vault.index.warmed()):
+            raise PromptvaultError(f"no warmed prompt is labelled {label!r} (see: promptvault ls)")
         removed = vault.rm(label=label, namespace=namespace, everything=everything)
     _echo({"removed_chunks": removed}, as_json, lambda r: f"removed {r['removed_chunks']} chunks")
 

@@ -1,48 +1,73 @@
 """`promptvault warm SOURCES…`: prefill prompts once and store their caches."""
 
 import json
-import sys
 import time
 
 import click
 
-from promptvault.cli.common import codec_options, json_option, make_codec, model_option, open_vault, vault_options
-from promptvault.sources import prompt_tokens, read_sources
+from promptvault.cli.common import (codec_options, json_option, make_codec, model_option, open_vault, raw_option,
+                                    vault_options)
+from promptvault.cli.progress import Progress
+from promptvault.sources import Prompt, prompt_tokens, read_sources
 from promptvault.tables import format_table
 from promptvault.vault.sizes import fp16_bytes_per_token
 
 
+def _tokens(tokenizer, prompt: Prompt, raw: bool, system: str | None) -> list[int]:
+    """A conversation as a run of it would start; a text as the document of a
+    `run --context FILE -p QUESTION` (the token prefix every such run starts with)."""
+    from promptvault.prompting import context_prefix
+
+    if prompt.messages is not None:
+        return prompt_tokens(tokenizer, prompt, system=system)
+    return context_prefix(tokenizer, [prompt.text], raw=raw, system=system)
+
+
 @click.command("warm")
 @click.argument("sources", nargs=-1, required=True)
-@click.option("--chat", is_flag=True, help="Wrap plain-text prompts as a user message in the chat template.")
-@click.option("--system", default=None, help="System message for chat prompts.")
+@raw_option
+@click.option("--system", default=None, help="System message (as given to the runs that will reuse them).")
+@click.option("--join", is_flag=True,
+              help="Store the text sources as ONE document, in order (for `run --context A --context B`).")
 @click.option("--label", default=None, help="Label for the warmed entries (default: the source).")
 @model_option
 @codec_options
 @vault_options
 @json_option
-def warm_cmd(sources, chat, system, label, model, key_bits, value_bits, vault_path, block_size, ram_cap,
-             disk_cap, as_json):
+def warm_cmd(sources, raw, system, join, label, model, quality, key_bits, value_bits, vault_path, block_size,
+             ram_cap, disk_cap, as_json):
     """Prefill SOURCES (files, directories, '-', .json, .jsonl) and store their caches.
 
-    Chat messages get the model's chat template; plain text is used raw unless --chat.
+    Each text is stored as the document a later `promptvault run --context FILE -p QUESTION`
+    starts with: through the chat template (--raw: as is, for `run --raw`). Chat conversations
+    are stored as a run of them starts (template applied, assistant turn opened).
+
+    Example: promptvault warm manual.txt && promptvault run --context manual.txt -p "How do I reset it?"
     """
     from promptvault.models import load_model
+    from promptvault.prompting import user_text
 
+    codec = make_codec(key_bits, value_bits, quality)
     prompts = read_sources(list(sources))
+    if join:
+        if any(p.messages is not None for p in prompts):
+            raise click.UsageError("--join takes text sources only, not chat conversations")
+        prompts = [Prompt(source=" + ".join(p.source for p in prompts), text=user_text([p.text for p in prompts], None))]
     rows = []
-    with open_vault(vault_path, block_size, ram_cap, disk_cap, make_codec(key_bits, value_bits)) as vault:
+    with open_vault(vault_path, block_size, ram_cap, disk_cap, codec) as vault:
         vault.require_writable("warm prompts")  # before the model loads: fail in a second, not ten
         lm = load_model(model)
-        encoded = [(p, prompt_tokens(lm.tokenizer, p, chat=chat, system=system)) for p in prompts]
+        encoded = [(p, _tokens(lm.tokenizer, p, raw, system)) for p in prompts]
         per_token = fp16_bytes_per_token(vault.namespace(lm).descriptor)
-        total = sum(len(tokens) for _, tokens in encoded)
-        # The bar is for people watching a terminal; pipes and logs get only the summary.
-        with click.progressbar(length=total, label="warming", file=sys.stderr, show_pos=True,
-                               item_show_func=lambda s: s, hidden=not sys.stderr.isatty()) as bar:
+        total, base = sum(len(tokens) for _, tokens in encoded), 0
+        # The bar is for people watching a terminal (it moves per prefill step); pipes, logs
+        # and --json get only the summary.
+        with Progress("warming", enabled=not as_json) as bar:
             for prompt, tokens in encoded:
                 start = time.perf_counter()
-                result = vault.warm(lm, tokens, label=label or prompt.source, source=prompt.source)
+                result = vault.warm(lm, tokens, label=label or prompt.source, source=prompt.source,
+                                    progress=lambda done, _total, base=base: bar(base + done, total))
+                base += len(tokens)
                 seconds = time.perf_counter() - start
                 new_tokens = result.tokens - result.tokens_reused
                 rows.append({
@@ -52,7 +77,6 @@ def warm_cmd(sources, chat, system, label, model, key_bits, value_bits, vault_pa
                     "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds else None,
                     "evicted_chunks": result.evicted,
                 })
-                bar.update(len(tokens), f"{prompt.source} ({rows[-1]['tokens_per_s'] or 0:.0f} tok/s)")
     if as_json:
         click.echo(json.dumps({"prompts": rows}, indent=1))
     else:

@@ -27,6 +27,7 @@ import os
 import sqlite3
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -434,7 +435,8 @@ class Vault:
 
     # writing
 
-    def warm(self, lm, tokens, *, label: str | None = None, source: str | None = None) -> StoreResult:
+    def warm(self, lm, tokens, *, label: str | None = None, source: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> StoreResult:
         """Prefill `tokens` block by block through `lm` and store every block not yet stored.
 
         Leading blocks already in the vault are restored instead of recomputed (full blocks
@@ -442,6 +444,8 @@ class Vault:
         computed from the decoded prefix: the same state a later restore of that prefix continues
         from. The prompt's tail shorter than a block is stored as a leaf. Another process may be
         storing the same blocks meanwhile with other bytes: whichever file is complete first stays.
+        `progress(tokens_done, tokens_total)` is called after each prefill step (a progress bar
+        for long prompts).
         """
         toks, ns, spans, keys, have = self._store_plan(lm, tokens, "warm a prompt")
         done = 0  # leading chunks already stored (full blocks: restorable as a start)
@@ -466,6 +470,8 @@ class Vault:
                 _eval_cache(cache)
                 res.prefill_s += time.perf_counter() - t0
                 log.debug("prefilled tokens [%d, %d) in %.0f ms", start, end, (time.perf_counter() - t0) * 1e3)
+                if progress is not None:
+                    progress(end, len(toks))
                 if keys[i] not in have:
                     self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res, at=end)
         added = self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])

@@ -1,0 +1,46 @@
+"""`--quality exact|high|balanced|small`: codec presets a person can choose without reading the
+codec section. Each is a row of the README's fidelity tables (SmolLM2-135M-Instruct, 20 prompts ×
+1,024 tokens, teacher-forced KL vs lossless; "vs fp16" counts every byte on disk of a float32 CPU
+cache, so lossless is 0.50x there and 1x for a float16 cache):
+
+  exact     `lossless`            lossless keys and values: restores bit-identical caches
+  high      `k8c-v4`              2.53x, KL 0.0015, top-1 97.8%
+  balanced  `k4cn8o25x6-v3n8-s1`  3.93x, KL 0.0059, top-1 95.3% (the vault's default codec)
+  small     `k3c-v2`              5.67x, KL 0.0771, top-1 85.4% (the smallest setting on the
+                                  Pareto front with KL < 0.1; 2-bit keys cost 3.6x more KL)
+
+This module is the one place that maps the names to codecs: the CLI options, `run --help` and
+`stats` all read QUALITY.
+"""
+
+from dataclasses import dataclass
+
+from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
+from promptvault.vault import DEFAULT_CODEC
+
+
+@dataclass(frozen=True)
+class Quality:
+    name: str
+    setting: str  # the README fidelity-table row that backs it
+    codec: KVCodec
+    summary: str  # ratio and KL on SmolLM2, from that row
+
+
+QUALITY = {q.name: q for q in (
+    Quality("exact", "lossless", KVCodec(LOSSLESS, LOSSLESS), "lossless"),
+    Quality("high", "k8c-v4", KVCodec(CodecSpec(bits=8, center=True), CodecSpec(bits=4)), "2.5x, KL 0.0015"),
+    Quality("balanced", "k4cn8o25x6-v3n8-s1", DEFAULT_CODEC, "3.9x, KL 0.0059 (default)"),
+    Quality("small", "k3c-v2", KVCodec(CodecSpec(bits=3, center=True), CodecSpec(bits=2)), "5.7x, KL 0.077"),
+)}
+
+HELP = "Codec preset: " + "; ".join(f"{q.name} = {q.summary}" for q in QUALITY.values()) + \
+    " (README: Using it, quality presets)."
+
+
+def quality_of(codec_json: dict | None) -> str | None:
+    """The preset name whose codec wrote entries described by `codec_json`, or None (custom bits)."""
+    for q in QUALITY.values():
+        if codec_json == q.codec.to_json():
+            return q.name
+    return None
