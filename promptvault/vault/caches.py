@@ -29,7 +29,8 @@ from promptvault.errors import PromptvaultError
 from promptvault.vault import caches_arrays, caches_kv, caches_quantized, caches_rotating
 from promptvault.vault.caches_rows import RestoreError
 
-__all__ = ["BlockPayload", "layer_layout", "block_ends_only", "position", "encode_block", "restore_cache",
+__all__ = ["BlockPayload", "layer_layout", "block_ends_only", "position", "encode_block", "encode_blocks",
+           "prefill_step", "restore_cache",
            "RestoreError", "UnsupportedCacheError", "FORMAT"]
 
 FORMAT = "promptvault.caches/1"
@@ -150,7 +151,33 @@ def _encode_one(cache, start, end, kv, prefix, out) -> dict:
     return _adapter(cache).encode(cache, start, end, kv, prefix, out)
 
 
-def encode_block(cache: list, start: int, end: int, kv: KVCodec, at: int | None = None) -> BlockPayload:
+def prefill_step(cache: list, block_size: int, wanted: int) -> int:
+    """Tokens per model call when warming into `cache`: `wanted` rounded down to whole blocks,
+    so every block is captured from the live cache after the step that computed it.
+
+    Recurrent state (ArraysCache) is a snapshot of "now": one block per step, so every block end
+    is seen. A ring (RotatingKVCache) keeps every row of a multi-token update (mlx-lm 0.32 trims
+    before appending), but the step also stays within its window minus `keep`, so a step's
+    blocks would still be held if a ring trimmed after appending.
+    """
+    layers = list(_flat(cache))
+    if any(type(c) is ArraysCache for c in layers):
+        return block_size
+    rings = [int(c.max_size) - int(c.keep) for c in layers if type(c) is RotatingKVCache]
+    step = min([wanted, *rings])
+    return max(block_size, step - step % block_size)
+
+
+def encode_blocks(cache: list, spans: list[tuple[int, int]], kv: KVCodec, at: int | None = None
+                  ) -> list[BlockPayload]:
+    """encode_block for several blocks, evaluated together: one host sync for all of them."""
+    payloads = [encode_block(cache, start, end, kv, at=at, evaluate=False) for start, end in spans]
+    mx.eval([a for p in payloads for a in p.arrays.values()])
+    return payloads
+
+
+def encode_block(cache: list, start: int, end: int, kv: KVCodec, at: int | None = None,
+                 evaluate: bool = True) -> BlockPayload:
     """Capture tokens [start, end) of every layer of `cache`, coded with `kv`.
 
     KV-like layers can give any rows they still hold, but recurrent state (ArraysCache) is a
@@ -158,7 +185,8 @@ def encode_block(cache: list, start: int, end: int, kv: KVCodec, at: int | None 
     comes from the positional layers; a purely recurrent model records none, so the caller must
     say where the cache is (`at`, e.g. warm right after prefilling [start, end)), or the block is
     refused: storing a snapshot under the wrong position would restore the wrong state silently.
-    Arrays are evaluated and own their bytes (no views into the live cache).
+    Arrays own their bytes (no views into the live cache) and are evaluated unless `evaluate`
+    is False (encode_blocks evaluates many blocks at once).
     """
     if not 0 <= start < end:
         raise ValueError(f"bad block [{start}, {end})")
@@ -176,7 +204,8 @@ def encode_block(cache: list, start: int, end: int, kv: KVCodec, at: int | None 
                                "(ArraysCache) can only be captured at the position the cache is at")
     arrays: dict[str, mx.array] = {}
     metas = [_encode_one(c, start, end, kv, f"l{i:02d}", arrays) for i, c in enumerate(cache)]
-    mx.eval(list(arrays.values()))
+    if evaluate:
+        mx.eval(list(arrays.values()))
     meta = {"format": FORMAT, "start": start, "end": end, "codec": kv.to_json(),
             "layout": layer_layout(cache), "layers": metas}
     return BlockPayload(arrays=arrays, meta=meta)

@@ -105,14 +105,24 @@ class Written:
     published: bool  # True if this call's bytes are the file; False if an existing file won
 
 
+def encode_shard(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[bytes, str]:
+    """The shard file's bytes and checksum. Reads the arrays (MLX work): a writer thread gets
+    the bytes from its caller and does only file I/O (MLX from a background thread can abort)."""
+    return _encode(arrays, metadata)
+
+
 def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> Written:
-    """Publish a shard at `path` unless one is already there (the first complete file wins).
+    """Publish a shard at `path` unless one is already there (the first complete file wins)."""
+    return publish_shard(path, *encode_shard(arrays, metadata))
+
+
+def publish_shard(path: Path, blob: bytes, digest: str) -> Written:
+    """Publish encoded shard bytes at `path` unless a file is already there. File I/O only.
 
     Unique temp file, fsync, then a hard link to the final name, which fails if the name exists;
     the temp name is always removed. When a file was already there, its own header says what was
     stored (raises CorruptShard if that header does not parse: the caller decides what to do).
     """
-    blob, digest = _encode(arrays, metadata)
     for d in (path.parent.parent, path.parent):  # each level 0700 (parents=True would use 0777)
         d.mkdir(mode=0o700, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)  # mode 0600

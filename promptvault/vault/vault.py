@@ -1,7 +1,7 @@
 """The Vault: prompt caches on disk, keyed by chained token blocks, restored into mlx-lm caches.
 
     vault = Vault("~/.cache/promptvault/vault")
-    vault.warm(lm, tokens)                  # prefill block by block, store each block once
+    vault.warm(lm, tokens)                  # prefill in large steps, store each block once
     r = vault.restore(lm, tokens)           # fresh caches holding r.tokens_reused tokens
     logits = lm.model(mx.array([tokens[r.tokens_reused:]]), cache=r.cache)
 
@@ -43,12 +43,15 @@ from promptvault.vault.index import Index
 from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json, make_namespace
-from promptvault.vault.shards import SUFFIX, CorruptShard, read_metadata, read_shard, relpath, write_shard
+from promptvault.vault.shards import (SUFFIX, CorruptShard, encode_shard, publish_shard, read_metadata, read_shard,
+                                     relpath)
 from promptvault.vault.tiers import DiskTier, RamTier
+from promptvault.vault.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 256
+PREFILL_STEP = 2048  # warm's tokens per model call, as mlx-lm's prefill_step_size (whole blocks of it)
 DEFAULT_RAM_CAP = 256 * 2**20
 # Chosen by `promptvault bench fidelity` on SmolLM2-135M and Gemma-3-270M (README.md, Choosing bits):
 # centered 4-bit keys whose loudest quarter of channels per head get 6 bits (outlier split),
@@ -102,6 +105,19 @@ class StoreResult:
     encode_s: float
     write_s: float
     evicted: int  # chunks evicted afterwards to respect the disk cap
+
+
+@dataclass
+class _Chunk:
+    """A block on its way to disk: its shard bytes and what its index row needs."""
+    key: str
+    rel: str  # shard path under shards/
+    chunk: dict  # the chunk's identity (key, parent, namespace, position, n_tokens)
+    ns: Namespace
+    payload: caches.BlockPayload
+    tokens: np.ndarray
+    blob: bytes
+    digest: str
 
 
 @dataclass
@@ -436,16 +452,22 @@ class Vault:
     # writing
 
     def warm(self, lm, tokens, *, label: str | None = None, source: str | None = None,
-             progress: Callable[[int, int], None] | None = None) -> StoreResult:
-        """Prefill `tokens` block by block through `lm` and store every block not yet stored.
+             progress: Callable[[int, int], None] | None = None, step: int | None = None) -> StoreResult:
+        """Prefill `tokens` through `lm` and store every block not yet stored.
 
         Leading blocks already in the vault are restored instead of recomputed (full blocks
         only, up to the first that cannot be read), so with a lossy codec the new blocks are
         computed from the decoded prefix: the same state a later restore of that prefix continues
         from. The prompt's tail shorter than a block is stored as a leaf. Another process may be
         storing the same blocks meanwhile with other bytes: whichever file is complete first stays.
-        `progress(tokens_done, tokens_total)` is called after each prefill step (a progress bar
-        for long prompts).
+
+        The rest is prefilled in steps of `step` tokens (default PREFILL_STEP, mlx-lm's own),
+        rounded down to whole blocks and limited by the model's caches (caches.prefill_step:
+        one block for recurrent state); the step's blocks are then cut out of the live cache and
+        encoded with one evaluation, and their files written by a background thread while the
+        next step prefills. `progress(tokens_done, tokens_total)` is called after each step.
+        Timing: prefill_s and encode_s are this thread's; write_s is the writer thread's file
+        time plus this thread's index time, so it overlaps the others.
         """
         toks, ns, spans, keys, have = self._store_plan(lm, tokens, "warm a prompt")
         done = 0  # leading chunks already stored (full blocks: restorable as a start)
@@ -462,18 +484,8 @@ class Vault:
             have = self.index.existing(keys)  # chunks dropped as unreadable are stored again
         res = StoreResult(ns.id, len(toks), len(keys), 0, 0, reused, 0.0, 0.0, 0.0, 0)
         if not all(k in have for k in keys):
-            for i, (start, end) in enumerate(spans):
-                if end <= reused:
-                    continue
-                t0 = time.perf_counter()
-                lm.model(mx.array(toks[start:end], dtype=mx.uint32)[None], cache=cache)
-                _eval_cache(cache)
-                res.prefill_s += time.perf_counter() - t0
-                log.debug("prefilled tokens [%d, %d) in %.0f ms", start, end, (time.perf_counter() - t0) * 1e3)
-                if progress is not None:
-                    progress(end, len(toks))
-                if keys[i] not in have:
-                    self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res, at=end)
+            size = caches.prefill_step(cache, self.block_size, PREFILL_STEP if step is None else step)
+            self._prefill_and_store(lm, cache, toks, ns, spans, keys, have, reused, size, res, progress)
         added = self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])
         if added:
             ledger.record_added(self.root, added)
@@ -481,6 +493,126 @@ class Vault:
         log.info("warmed %d tokens: %d of %d chunks written (%d bytes), %d tokens restored, %d evicted",
                  res.tokens, res.written, res.chunks, res.bytes_written, res.tokens_reused, res.evicted)
         return res
+
+    def _prefill_and_store(self, lm, cache, toks, ns, spans, keys, have, pos, step, res, progress) -> None:
+        """warm's loop from token `pos` (a block end) in `step`-token steps (whole blocks)."""
+        writer = ShardWriter()
+        failed = None  # the first write error, raised once every earlier chunk is indexed
+        try:
+            while pos < len(toks) and failed is None:
+                end = min(pos + step, len(toks))
+                t0 = time.perf_counter()
+                lm.model(mx.array(toks[pos:end], dtype=mx.uint32)[None], cache=cache)
+                _eval_cache(cache)
+                res.prefill_s += time.perf_counter() - t0
+                log.debug("prefilled tokens [%d, %d) in %.0f ms", pos, end, (time.perf_counter() - t0) * 1e3)
+                if progress is not None:
+                    progress(end, len(toks))
+                todo = [i for i, (a, b) in enumerate(spans) if pos <= a < end and keys[i] not in have]
+                t0 = time.perf_counter()
+                payloads = caches.encode_blocks(cache, [spans[i] for i in todo], self.codec, at=end)
+                jobs = [self._prepare(ns, p, toks, keys[i], keys[i - 1] if i else None)
+                        for i, p in zip(todo, payloads)]
+                res.encode_s += time.perf_counter() - t0
+                for job in jobs:
+                    writer.submit(job, self.shards / job.rel, job.blob, job.digest)
+                failed = self._index_results(writer.ready(), res, failed)
+                pos = end
+            failed = self._index_results(writer.wait(), res, failed)
+        except BaseException:
+            self._index_results(writer.stop(), res, failed or True)  # only drops files no row will name
+            raise
+        self._index_results(writer.stop(), res, failed or True)
+        if failed is not None:
+            raise VaultPathError(f"cannot write to vault {self.root}: {getattr(failed, 'strerror', None) or failed} "
+                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
+
+    def _index_results(self, results: list, res: StoreResult, failed=None):
+        """Index the published chunks among the writer's results, in order, until a write error;
+        returns that error (or `failed`, one seen before). After it nothing is indexed: a chunk
+        whose file this writer published anyway is removed again (no index row will name it)."""
+        for r in results:
+            res.write_s += r.seconds
+            written = r.written
+            if failed is None and isinstance(r.error, CorruptShard):  # the file already there is damaged
+                try:
+                    written = self._publish_again(r.job)
+                except (OSError, CorruptShard) as e:
+                    failed, written = e, None
+            elif failed is None and r.error is not None:
+                if not isinstance(r.error, OSError):
+                    raise r.error
+                failed = r.error
+            if written is None:
+                continue
+            if failed is None:
+                self._index(r.job, written, res)
+            elif written.published and self.index.chunk(r.job.key) is None:
+                (self.shards / r.job.rel).unlink(missing_ok=True)
+        return failed
+
+    def _store(self, ns: Namespace, cache: list, toks: np.ndarray, start: int, end: int, key: str,
+               parent: str | None, res: StoreResult, at: int | None = None) -> None:
+        """Encode, publish and index one chunk in this thread (save's path)."""
+        t0 = time.perf_counter()
+        job = self._prepare(ns, caches.encode_block(cache, start, end, self.codec, at=at), toks, key, parent)
+        t1 = time.perf_counter()
+        res.encode_s += t1 - t0
+        try:
+            try:
+                written = publish_shard(self.shards / job.rel, job.blob, job.digest)
+            except CorruptShard:
+                written = self._publish_again(job)
+        except (OSError, CorruptShard) as e:  # disk full, file too large, I/O error: the temp file is gone
+            raise VaultPathError(f"cannot write to vault {self.root}: {getattr(e, 'strerror', None) or e} "
+                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
+        res.write_s += time.perf_counter() - t1
+        self._index(job, written, res)
+
+    def _prepare(self, ns: Namespace, payload: caches.BlockPayload, toks: np.ndarray, key: str,
+                 parent: str | None) -> _Chunk:
+        """A captured block as the bytes of its shard file (MLX work: the calling thread's)."""
+        start, end = payload.start, payload.end
+        if not payload.complete:
+            raise VaultSettingsError(f"the cache no longer holds every row of tokens [{start}, {end}) "
+                                     "(a ring dropped them): warm the prompt instead of saving it")
+        if self.disk.cap is not None and payload.nbytes > self.disk.cap:
+            raise CapTooSmallError(f"disk cap of {self.disk.cap} bytes is smaller than one block "
+                                   f"({payload.nbytes} bytes): raise the cap or lower the block size")
+        meta = {k: v for k, v in payload.meta.items() if k not in ("layout", "codec")}  # in "namespace"
+        chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start}
+        arrays = {**payload.arrays, _TOKENS: mx.array(toks[start:end], dtype=mx.uint32)}
+        shard_meta = {"format": SHARD_FORMAT, "chunk": canonical_json(chunk),
+                      "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)}
+        blob, digest = encode_shard(arrays, shard_meta)
+        return _Chunk(key, relpath(key), chunk, ns, payload, np.asarray(toks[start:end], dtype=np.int64), blob, digest)
+
+    def _publish_again(self, job: _Chunk):
+        """The file already under the chunk's key is damaged: set it aside, publish ours."""
+        self._quarantine(job.key, self.shards / job.rel)
+        return publish_shard(self.shards / job.rel, job.blob, job.digest)
+
+    def _index(self, job: _Chunk, written, res: StoreResult) -> None:
+        """The index row (and RAM tier entry) of a chunk whose file is now published."""
+        t0 = time.perf_counter()
+        try:
+            self.index.add_namespace(job.ns)
+            self.index.add_chunk(
+                {**job.chunk, "tokens": tokens_to_bytes(job.tokens), "file": job.rel, "bytes": written.nbytes,
+                 "checksum": written.checksum}, snapshot=exact_only(job.ns))
+        except sqlite3.OperationalError as e:  # e.g. the index cannot grow on a full disk
+            if written.published and self.index.chunk(job.key) is None:
+                (self.shards / job.rel).unlink(missing_ok=True)  # ours and not indexed: do not leave it behind
+            raise VaultPathError(f"cannot write to vault {self.root} index: {e} "
+                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
+        res.write_s += time.perf_counter() - t0
+        if written.published:  # the RAM tier holds only the bytes the file holds
+            self.ram.put(job.key, _Loaded(job.payload, job.payload.nbytes, job.tokens), job.payload.nbytes)
+            res.written += 1
+            res.bytes_written += written.nbytes
+        else:
+            self.ram.discard(job.key)
+            log.debug("chunk %s was stored by another writer first: its file stays", job.key[:12])
 
     def save(self, lm, cache: list, tokens) -> StoreResult:
         """Store a live cache whose first rows are `tokens` (e.g. after a generation, when it
@@ -535,53 +667,6 @@ class Vault:
         if n < 1:
             raise VaultSettingsError("cannot store an empty prompt")
         return [(s, min(s + self.block_size, n)) for s in range(0, n, self.block_size)]
-
-    def _store(self, ns: Namespace, cache: list, toks: np.ndarray, start: int, end: int, key: str,
-               parent: str | None, res: StoreResult, at: int | None = None) -> None:
-        t0 = time.perf_counter()
-        payload = caches.encode_block(cache, start, end, self.codec, at=at)
-        if not payload.complete:
-            raise VaultSettingsError(f"the cache no longer holds every row of tokens [{start}, {end}) "
-                                     "(a ring dropped them): warm the prompt instead of saving it")
-        t1 = time.perf_counter()
-        res.encode_s += t1 - t0
-        if self.disk.cap is not None and payload.nbytes > self.disk.cap:
-            raise CapTooSmallError(f"disk cap of {self.disk.cap} bytes is smaller than one block "
-                                   f"({payload.nbytes} bytes): raise the cap or lower the block size")
-        meta = {k: v for k, v in payload.meta.items() if k not in ("layout", "codec")}  # in "namespace"
-        chunk = {"key": key, "parent": parent, "namespace": ns.id, "position": start, "n_tokens": end - start}
-        arrays = {**payload.arrays, _TOKENS: mx.array(toks[start:end], dtype=mx.uint32)}
-        rel = relpath(key)
-        shard_meta = {"format": SHARD_FORMAT, "chunk": canonical_json(chunk),
-                      "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)}
-        try:
-            try:
-                written = write_shard(self.shards / rel, arrays, shard_meta)
-            except CorruptShard:  # the file already under this key is damaged: set it aside, publish ours
-                self._quarantine(key, self.shards / rel)
-                written = write_shard(self.shards / rel, arrays, shard_meta)
-        except (OSError, CorruptShard) as e:  # disk full, file too large, I/O error: the temp file is gone
-            raise VaultPathError(f"cannot write to vault {self.root}: {getattr(e, 'strerror', None) or e} "
-                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
-        try:
-            self.index.add_namespace(ns)
-            self.index.add_chunk(
-                {**chunk, "tokens": tokens_to_bytes(toks[start:end]), "file": rel, "bytes": written.nbytes,
-                 "checksum": written.checksum}, snapshot=exact_only(ns))
-        except sqlite3.OperationalError as e:  # e.g. the index cannot grow on a full disk
-            if written.published and self.index.chunk(key) is None:
-                (self.shards / rel).unlink(missing_ok=True)  # ours and not indexed: do not leave it behind
-            raise VaultPathError(f"cannot write to vault {self.root} index: {e} "
-                                 f"(after {res.written} new chunks; entries stored before are intact)") from None
-        res.write_s += time.perf_counter() - t1
-        if written.published:  # the RAM tier holds only the bytes the file holds
-            self.ram.put(key, _Loaded(payload, payload.nbytes, np.asarray(toks[start:end], dtype=np.int64)),
-                         payload.nbytes)
-            res.written += 1
-            res.bytes_written += written.nbytes
-        else:
-            self.ram.discard(key)
-            log.debug("chunk %s was stored by another writer first: its file stays", key[:12])
 
     # maintenance
 
