@@ -2,7 +2,10 @@
 
 Per prefix of P tokens (random token ids: speed does not depend on the text):
   - cold prefill of P tokens through mlx-lm (2,048-token steps, as mlx-lm's generate does);
-  - warm = prefill block by block + encode + write (Vault.warm), and its overhead over cold;
+  - warm = Vault.warm: prefill in the same steps as cold, each step's blocks encoded, their files
+    written by a background thread during the next step; its overhead over cold, and its split
+    (warm_prefill_s, warm_encode_s; warm_write_s is the writer's file time plus index time, which
+    overlaps the prefill);
   - restore of the P-token prefix from the RAM tier and from disk (a fresh Vault with the RAM tier
     off; the shards' page cache is dropped with posix_fadvise(DONTNEED) first, where the OS
     allows), split into read / decode+assembly;
@@ -29,7 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-STEP = 2048  # mlx-lm's default prefill step
+STEP = 2048  # mlx-lm's default prefill step, and Vault.warm's (vault.PREFILL_STEP)
 
 RANDOM_SHAPES = {
     # Llama-3.1-8B: 32 layers, 32 query / 8 KV heads of 128, MLP 14,336, vocab 128,256.

@@ -1,7 +1,7 @@
 """Live mlx-lm cache objects <-> per-block payloads (the vault's unit of storage).
 
-The vault warms a prompt block by block: after the model has processed tokens [start, end),
-`encode_block` captures every layer's state for those tokens as flat named arrays plus JSON
+The vault warms a prompt in steps of whole blocks: once the model has processed tokens [start, end),
+`encode_block` (or `encode_blocks`, for a step's blocks at once) captures every layer's state for those tokens as flat named arrays plus JSON
 meta. `restore_cache` rebuilds fresh mlx-lm cache objects holding exactly the first n tokens
 from the payloads of the blocks covering them, behaving as if those tokens had just been
 prefilled. Supported layer caches: KVCache, RotatingKVCache, QuantizedKVCache, ArraysCache,
