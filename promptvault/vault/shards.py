@@ -75,6 +75,14 @@ def _raw(a: mx.array) -> np.ndarray:
 
 
 def _encode(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[bytes, str]:
+    """The whole file as one bytes object, and its checksum."""
+    parts, digest = _encode_parts(arrays, metadata)
+    return b"".join(parts), digest
+
+
+def _encode_parts(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[list[bytes], str]:
+    """The file as a list of pieces (length + header, then each tensor's bytes) and its checksum:
+    each tensor is copied once (out of MLX), never joined, so a large chunk costs one copy."""
     header: dict = {}
     blobs = []
     offset = 0
@@ -92,10 +100,12 @@ def _encode(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[byte
     header["__metadata__"] = {**metadata, "checksum": _PREFIX + _ZERO}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    data = b"".join(blobs)
-    digest = xxhash.xxh3_64_hexdigest(text + data)
+    h = xxhash.xxh3_64(text)
+    for blob in blobs:
+        h.update(blob)
+    digest = h.hexdigest()
     text = text.replace((_PREFIX + _ZERO).encode(), (_PREFIX + digest).encode(), 1)
-    return len(text).to_bytes(8, "little") + text + data, digest
+    return [len(text).to_bytes(8, "little") + text, *blobs], digest
 
 
 @dataclass
@@ -105,10 +115,11 @@ class Written:
     published: bool  # True if this call's bytes are the file; False if an existing file won
 
 
-def encode_shard(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[bytes, str]:
-    """The shard file's bytes and checksum. Reads the arrays (MLX work): a writer thread gets
-    the bytes from its caller and does only file I/O (MLX from a background thread can abort)."""
-    return _encode(arrays, metadata)
+def encode_shard(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tuple[list[bytes], str]:
+    """The shard file's bytes (in pieces, written in order) and checksum. Reads the arrays (MLX
+    work): a writer thread gets the bytes from its caller and does only file I/O (MLX from a
+    background thread can abort)."""
+    return _encode_parts(arrays, metadata)
 
 
 def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str]) -> Written:
@@ -116,7 +127,7 @@ def write_shard(path: Path, arrays: dict[str, mx.array], metadata: dict[str, str
     return publish_shard(path, *encode_shard(arrays, metadata))
 
 
-def publish_shard(path: Path, blob: bytes, digest: str) -> Written:
+def publish_shard(path: Path, parts: list[bytes], digest: str) -> Written:
     """Publish encoded shard bytes at `path` unless a file is already there. File I/O only.
 
     Unique temp file, fsync, then a hard link to the final name, which fails if the name exists;
@@ -128,12 +139,13 @@ def publish_shard(path: Path, blob: bytes, digest: str) -> Written:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=SUFFIX)  # mode 0600
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(blob)
+            for part in parts:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         for _ in range(3):  # the winner's file may be evicted between our link and our look
             if _publish(tmp, path):
-                return Written(len(blob), digest, True)
+                return Written(sum(len(p) for p in parts), digest, True)
             try:
                 return Written(path.stat().st_size, read_checksum(path), False)
             except FileNotFoundError:

@@ -116,7 +116,7 @@ class _Chunk:
     ns: Namespace
     payload: caches.BlockPayload
     tokens: np.ndarray
-    blob: bytes
+    parts: list[bytes]  # the shard file's bytes (shards.encode_shard)
     digest: str
 
 
@@ -515,7 +515,7 @@ class Vault:
                         for i, p in zip(todo, payloads)]
                 res.encode_s += time.perf_counter() - t0
                 for job in jobs:
-                    writer.submit(job, self.shards / job.rel, job.blob, job.digest)
+                    writer.submit(job, self.shards / job.rel, job.parts, job.digest)
                 failed = self._index_results(writer.ready(), res, failed)
                 pos = end
             failed = self._index_results(writer.wait(), res, failed)
@@ -560,7 +560,7 @@ class Vault:
         res.encode_s += t1 - t0
         try:
             try:
-                written = publish_shard(self.shards / job.rel, job.blob, job.digest)
+                written = publish_shard(self.shards / job.rel, job.parts, job.digest)
             except CorruptShard:
                 written = self._publish_again(job)
         except (OSError, CorruptShard) as e:  # disk full, file too large, I/O error: the temp file is gone
@@ -584,13 +584,13 @@ class Vault:
         arrays = {**payload.arrays, _TOKENS: mx.array(toks[start:end], dtype=mx.uint32)}
         shard_meta = {"format": SHARD_FORMAT, "chunk": canonical_json(chunk),
                       "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)}
-        blob, digest = encode_shard(arrays, shard_meta)
-        return _Chunk(key, relpath(key), chunk, ns, payload, np.asarray(toks[start:end], dtype=np.int64), blob, digest)
+        parts, digest = encode_shard(arrays, shard_meta)
+        return _Chunk(key, relpath(key), chunk, ns, payload, np.asarray(toks[start:end], dtype=np.int64), parts, digest)
 
     def _publish_again(self, job: _Chunk):
         """The file already under the chunk's key is damaged: set it aside, publish ours."""
         self._quarantine(job.key, self.shards / job.rel)
-        return publish_shard(self.shards / job.rel, job.blob, job.digest)
+        return publish_shard(self.shards / job.rel, job.parts, job.digest)
 
     def _index(self, job: _Chunk, written, res: StoreResult) -> None:
         """The index row (and RAM tier entry) of a chunk whose file is now published."""

@@ -44,8 +44,8 @@ class ShardWriter:
         self._thread = threading.Thread(target=self._run, name="promptvault-shard-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, job: Any, path: Path, blob: bytes, digest: str) -> None:
-        self._jobs.put((job, path, blob, digest))
+    def submit(self, job: Any, path: Path, parts: list[bytes], digest: str) -> None:
+        self._jobs.put((job, path, parts, digest))
         self._submitted += 1
 
     def ready(self) -> list[Result]:
@@ -81,13 +81,13 @@ class ShardWriter:
             item = self._jobs.get()
             if item is None:
                 return
-            job, path, blob, digest = item
+            job, path, parts, digest = item
             if self._failed.is_set():
                 self._results.put(Result(job, None, None, 0.0))
                 continue
             t0 = time.perf_counter()
             try:
-                written, error = publish_shard(path, blob, digest), None
+                written, error = publish_shard(path, parts, digest), None
             except CorruptShard as e:
                 written, error = None, e
             except OSError as e:  # disk full, file too large, I/O error: nothing more is written
