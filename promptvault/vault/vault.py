@@ -520,36 +520,42 @@ class Vault:
                 pos = end
             failed = self._index_results(writer.wait(), res, failed)
         except BaseException:
-            self._index_results(writer.stop(), res, failed or True)  # only drops files no row will name
+            self._drop_unindexed(writer.stop())
             raise
-        self._index_results(writer.stop(), res, failed or True)
+        self._drop_unindexed(writer.stop())  # after a write error: the jobs skipped (nothing published)
         if failed is not None:
             raise VaultPathError(f"cannot write to vault {self.root}: {getattr(failed, 'strerror', None) or failed} "
                                  f"(after {res.written} new chunks; entries stored before are intact)") from None
 
-    def _index_results(self, results: list, res: StoreResult, failed=None):
+    def _index_results(self, results: list, res: StoreResult, failed: Exception | None) -> Exception | None:
         """Index the published chunks among the writer's results, in order, until a write error;
-        returns that error (or `failed`, one seen before). After it nothing is indexed: a chunk
-        whose file this writer published anyway is removed again (no index row will name it)."""
-        for r in results:
+        returns that error (or `failed`, one seen before). Nothing is indexed after it."""
+        for i, r in enumerate(results):
+            if failed is not None:
+                self._drop_unindexed(results[i:])
+                break
             res.write_s += r.seconds
             written = r.written
-            if failed is None and isinstance(r.error, CorruptShard):  # the file already there is damaged
+            if isinstance(r.error, CorruptShard):  # the file already under the key is damaged
                 try:
                     written = self._publish_again(r.job)
                 except (OSError, CorruptShard) as e:
-                    failed, written = e, None
-            elif failed is None and r.error is not None:
-                if not isinstance(r.error, OSError):
-                    raise r.error
+                    failed = e
+            elif isinstance(r.error, OSError):
                 failed = r.error
-            if written is None:
-                continue
-            if failed is None:
+            elif r.error is not None:  # a bug in the writer: not a disk problem
+                self._drop_unindexed(results[i + 1:])
+                raise r.error
+            if failed is None and written is not None:
                 self._index(r.job, written, res)
-            elif written.published and self.index.chunk(r.job.key) is None:
-                (self.shards / r.job.rel).unlink(missing_ok=True)
         return failed
+
+    def _drop_unindexed(self, results: list) -> None:
+        """Remove the files the writer published for chunks that will get no index row (warm
+        stopped before indexing them): no file is left that the index does not name."""
+        for r in results:
+            if r.written is not None and r.written.published and self.index.chunk(r.job.key) is None:
+                (self.shards / r.job.rel).unlink(missing_ok=True)
 
     def _store(self, ns: Namespace, cache: list, toks: np.ndarray, start: int, end: int, key: str,
                parent: str | None, res: StoreResult, at: int | None = None) -> None:
