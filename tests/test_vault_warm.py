@@ -75,12 +75,19 @@ def test_large_step_warm_stores_what_mlx_lm_prefill_in_those_steps_holds(tmp_pat
 @pytest.mark.parametrize("make,steps", [(tiny_llama, [45]), (tiny_hybrid, [8, 16, 24, 32, 40, 45])],
                          ids=["kv", "recurrent"])
 def test_default_steps(tmp_path, make, steps):
-    """KV layers: the whole prompt in one step (up to PREFILL_STEP); recurrent state (a snapshot
-    of "now"): one block per step, so every block end is seen."""
+    """KV layers: the whole prompt in one step (up to the default step); recurrent state (a
+    snapshot of "now"): one block per step, so every block end is seen."""
     seen = []
     with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
         vault.warm(make(), prompt(45), progress=lambda done, total: seen.append(done))
     assert seen == steps
+
+
+def test_a_step_is_whole_blocks(tmp_path):
+    seen = []
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(tiny_llama(), prompt(45), progress=lambda done, total: seen.append(done), step=20)
+    assert seen == [16, 32, 45]
 
 
 def test_a_write_error_in_the_writer_is_one_error_with_earlier_chunks_intact(tmp_path):

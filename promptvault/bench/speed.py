@@ -2,7 +2,8 @@
 
 Per prefix of P tokens (random token ids: speed does not depend on the text):
   - cold prefill of P tokens through mlx-lm (2,048-token steps, as mlx-lm's generate does);
-  - warm = Vault.warm: prefill in the same steps as cold, each step's blocks encoded, their files
+  - warm = Vault.warm: prefill in steps (2,048 tokens on a GPU, as cold; 512 on CPU, where smaller
+    steps are faster), each step's blocks encoded, their files
     written by a background thread during the next step; its overhead over cold, and its split
     (warm_prefill_s, warm_encode_s; warm_write_s is the writer's file time plus index time, which
     overlaps the prefill);
