@@ -25,7 +25,7 @@ from mlx_lm.sample_utils import make_sampler
 
 from promptvault.errors import PromptvaultError
 from promptvault.vault.caches import UnsupportedCacheError
-from promptvault.prompting import common_prefix
+from promptvault.vault.lookup import common_prefix
 
 log = logging.getLogger(__name__)
 # Prompt tokens per prefill step: small enough that a progress line moves every second or two

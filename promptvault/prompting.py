@@ -19,6 +19,7 @@ question can change.
 """
 
 from promptvault.errors import PromptvaultError
+from promptvault.vault.lookup import common_prefix
 
 SEPARATOR = "\n\n"
 # First characters of the questions the stored prefix must be a prefix for (questions are
@@ -55,15 +56,6 @@ def encode_messages(tokenizer, messages: list[dict], *, system: str | None = Non
         messages = [{"role": "system", "content": system}, *messages]
     return list(tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
                                               tokenize=True))
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def context_prefix(tokenizer, context: list[str], *, raw: bool, system: str | None = None) -> list[int]:

@@ -56,6 +56,17 @@ def _rewarm(base, vault) -> bool:
         return keys >= base["keys"] and v.verify()["bad"] == []
 
 
+def _flip(shard: Path, rng, in_header: bool) -> int:
+    """XOR one random byte of a shard, in its header (length, JSON, metadata, checksum) or in its
+    tensor bytes; returns the offset."""
+    data = bytearray(shard.read_bytes())
+    n_head = 8 + int.from_bytes(data[:8], "little")
+    at = rng.randrange(n_head) if in_header else rng.randrange(n_head, len(data))
+    data[at] ^= rng.randrange(1, 256)
+    shard.write_bytes(bytes(data))
+    return at
+
+
 def test_random_byte_flips_in_shards(base, tmp_path, request):
     n = 100 if is_long(request) else 6
     rng = random.Random(int(time.time()))
@@ -64,12 +75,7 @@ def test_random_byte_flips_in_shards(base, tmp_path, request):
         vault = _copy(base, tmp_path / f"v{i}")
         row = rng.choice(base["rows"])
         shard = vault / "shards" / row["file"]
-        data = bytearray(shard.read_bytes())
-        # Half the flips in the header (length, JSON, metadata, checksum), half in the tensor bytes.
-        n_head = 8 + int.from_bytes(data[:8], "little")
-        at = rng.randrange(n_head) if i % 2 else rng.randrange(n_head, len(data))
-        data[at] ^= rng.randrange(1, 256)
-        shard.write_bytes(bytes(data))
+        at = _flip(shard, rng, in_header=bool(i % 2))
         if i % 10 == 0:  # through the real executable
             out = _cli_run(base, vault)
             got = out["text"]
@@ -117,11 +123,7 @@ def test_random_byte_flips_in_shards_default_codec(lossy, tmp_path, request):
         ref = _copy(lossy, tmp_path / f"ref{i}")
         row = rng.choice(lossy["rows"])
         shard = vault / "shards" / row["file"]
-        data = bytearray(shard.read_bytes())
-        n_head = 8 + int.from_bytes(data[:8], "little")
-        at = rng.randrange(n_head) if i % 2 else rng.randrange(n_head, len(data))
-        data[at] ^= rng.randrange(1, 256)
-        shard.write_bytes(bytes(data))
+        at = _flip(shard, rng, in_header=bool(i % 2))
         (ref / "shards" / row["file"]).unlink()
         got = vault_run(lossy["lm"], vault, lossy["q_toks"], DEFAULT_CODEC)
         want = vault_run(lossy["lm"], ref, lossy["q_toks"], DEFAULT_CODEC)

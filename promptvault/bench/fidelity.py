@@ -31,6 +31,7 @@ import mlx.core as mx
 import numpy as np
 
 from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
+from promptvault.vault.lookup import common_prefix
 
 PROMPTS_FILE = Path(__file__).parent / "prompts" / "prompts.json"
 CONTINUATION = 64
@@ -232,15 +233,6 @@ def compare(logp: mx.array, ref: mx.array, targets: list[int]) -> dict:
     nll = -mx.take_along_axis(logp, mx.array(targets)[:, None], axis=-1)
     return {"kl": mx.mean(kl).item(), "top1": mx.mean(top1.astype(mx.float32)).item(),
             "nll": mx.mean(nll).item()}
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ---------------------------------------------------------------- bytes on disk

@@ -73,26 +73,51 @@ def rotate(unit: mx.array, signs: mx.array) -> mx.array:
 
 
 @lru_cache(maxsize=None)
-def _inverse_matrix(n: int) -> mx.array | None:
-    """None when the normalised Hadamard matrix of size n is symmetric (its own inverse);
-    otherwise the matrix M such that unrotated = rotated @ M.
+def _self_inverse(n: int) -> bool:
+    """True when the normalised Hadamard matrix of size n is symmetric, i.e. its own inverse.
 
     Row i of the transform of the identity is the transform of e_i, so transform(x) = x @ F with
-    F = transform(I), and its inverse is x = y @ Fᵀ.
+    F = transform(I); the inverse is y @ Fᵀ, which is the transform itself only when F = Fᵀ.
     """
     forward = mx.hadamard_transform(mx.eye(n), scale=1.0 / float(np.sqrt(n)))
-    if mx.array_equal(forward, forward.T).item():
-        return None
-    return forward.T
+    return bool(mx.array_equal(forward, forward.T).item())
+
+
+@lru_cache(maxsize=None)
+def _kronecker_parts(n: int) -> tuple[np.ndarray, int]:
+    """n = m·k with k a power of two and m the base of mx.hadamard_transform's matrix; that
+    transform (scaled by 1/sqrt(n), its default) is x @ kron(H_m, H_k) with each factor scaled by
+    1/sqrt of its size. Returns (that H_m, k)."""
+    for m in _HADAMARD_BASES[::-1]:
+        k = n // m
+        if m > 1 and n % m == 0 and k & (k - 1) == 0:
+            return np.array(mx.hadamard_transform(mx.eye(m))), k
+    raise ValueError(f"{n} has no Hadamard base in {_HADAMARD_BASES}")
+
+
+def _transposed_transform(rotated: mx.array, n: int) -> mx.array:
+    """rotated @ kron(H_m, H_k)ᵀ (the normalised transform's inverse) without a matrix product:
+    H_k is symmetric, so its part is mx.hadamard_transform over k, and H_mᵀ (m ≤ 28) is applied
+    as a fixed sequence of m scaled additions. A BLAS product here (OpenBLAS on Linux) rounded each vector differently
+    depending on how many vectors came with it, so a restore's bits depended on what else it read;
+    this order is the same for every vector."""
+    hm, k = _kronecker_parts(n)
+    y = rotated.reshape(*rotated.shape[:-1], hm.shape[0], k)
+    if k > 1:
+        y = mx.hadamard_transform(y)
+    acc = None
+    for a in range(hm.shape[0]):
+        term = y[..., a : a + 1, :] * mx.array(hm[:, a : a + 1].astype(np.float32), dtype=y.dtype)
+        acc = term if acc is None else acc + term
+    return acc.reshape(rotated.shape)
 
 
 def unrotate(rotated: mx.array, signs: mx.array) -> mx.array:
     """Inverse of `rotate`: diag(signs) · Hᵀ / sqrt(n)."""
     n = rotated.shape[-1]
-    inverse = _inverse_matrix(n)
-    if inverse is None:
+    if _self_inverse(n):
         return mx.hadamard_transform(rotated, scale=1.0 / float(np.sqrt(n))) * signs
-    return (rotated @ inverse) * signs
+    return _transposed_transform(rotated, n) * signs
 
 
 def expected_distortion(dim: int, bits: int) -> float:

@@ -48,9 +48,10 @@ class Plan:
     chunks: list[dict]  # index rows, in token order, covering [0, >= reuse)
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a, b) -> int:
+    """How many leading tokens two token sequences (lists or arrays) share."""
     n = min(len(a), len(b))
-    diff = np.flatnonzero(a[:n] != b[:n])
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
     return int(diff[0]) if diff.size else n
 
 
