@@ -35,11 +35,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from promptvault.vault.caches import block_ends_only
 from promptvault.vault.index import Index, head_of
 from promptvault.vault.keys import ROOT, block_keys, bytes_to_tokens, tokens_to_bytes
+from promptvault.vault.namespace import Namespace
 
 MAX_CANDIDATES = 32  # siblings compared at most when many share the prompt's next 16 tokens
-from promptvault.vault.namespace import Namespace, canonical_json
 
 
 @dataclass
@@ -56,7 +57,8 @@ def common_prefix(a, b) -> int:
 
 
 def exact_only(ns: Namespace) -> bool:
-    return '"ArraysCache"' in canonical_json(ns.descriptor["layout"])
+    """The namespace's caches hold recurrent state: reuse only where a snapshot was taken."""
+    return block_ends_only(ns.descriptor["layout"]["layers"])
 
 
 def plan(index: Index, ns: Namespace, tokens: np.ndarray) -> Plan:

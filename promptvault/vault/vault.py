@@ -299,7 +299,7 @@ class Vault:
         result.read_s = time.perf_counter() - t0
         reuse = look.tokens_reused
         if len(items) < len(look.chunks):
-            reuse = self._usable(look.namespace, look.chunks[: len(items)], reuse)
+            reuse = self._usable(self.namespace(lm), look.chunks[: len(items)], reuse)
             what = ", ".join(f"{len(keys)} {kind}" for kind, keys in
                              (("missing", result.missing), ("quarantined", result.quarantined)) if keys)
             log.warning("stored chunk(s) unusable (%s): restoring %d of the %d tokens found%s", what, reuse,
@@ -324,19 +324,13 @@ class Vault:
         result.cache, result.tokens_reused, result.tier, result.decode_s = cache, reuse, look.tier, decode_s
         return result
 
-    def _usable(self, namespace: str, rows: list[dict], reuse: int) -> int:
+    def _usable(self, ns: Namespace, rows: list[dict], reuse: int) -> int:
         """Tokens restorable from the leading chunks `rows` alone (at most `reuse`): their end, or
         in a namespace with recurrent state the last of their ends that has a snapshot."""
         ends = np.cumsum([r["n_tokens"] for r in rows]).tolist() if rows else []
-        if rows and caches.block_ends_only(self._layout(namespace)):
+        if rows and exact_only(ns):
             ends = [e for e, r in zip(ends, rows) if e <= reuse and self.index.has_snapshot(r["key"])]
         return min(int(max(ends, default=0)), reuse)
-
-    def _layout(self, namespace: str) -> list:
-        for n in self.index.namespaces():
-            if n["id"] == namespace:
-                return n["descriptor"]["layout"]["layers"]
-        return []
 
     def _touch_files(self, rows: list[dict]) -> None:
         """A file's access time is its chunk's last use, its modification time its creation: the
@@ -733,11 +727,15 @@ class Vault:
         self.disk.reconcile(self.index)  # a read-only index is walked, not written
         return {"checked": checked, "ok": ok, "bad": bad, "adopted": adopted, "missing": missing}
 
+    def _iter_shard_files(self):
+        """Published shard files under shards/ (a writer's temp files excluded), unsorted."""
+        return (p for p in self.shards.glob(f"*/*/*{SUFFIX}") if not p.name.startswith(".tmp-"))
+
     def _any_shard_file(self) -> bool:
-        return self.shards.is_dir() and any(not p.name.startswith(".tmp-") for p in self.shards.glob(f"*/*/*{SUFFIX}"))
+        return self.shards.is_dir() and next(self._iter_shard_files(), None) is not None
 
     def _shard_files(self) -> list[Path]:
-        return sorted(p for p in self.shards.glob(f"*/*/*{SUFFIX}") if not p.name.startswith(".tmp-"))
+        return sorted(self._iter_shard_files())
 
     def reindex(self) -> dict:
         """Rebuild the index from the shard files alone (headers read, bytes checked on use).
@@ -818,13 +816,13 @@ class Vault:
         cap = self.disk.cap
         if cap is None:
             return 0
+        self.index.checkpoint()  # the WAL counts, and deleting rows writes to it
+        total = self.disk.usage(self.index)
+        if total <= cap:  # the running count: O(1); a cap at or above usage holds every chunk
+            return 0
         self._check_cap(cap)
         span = self.index.chunk_bytes_range()
         if span is None:
-            return 0
-        self.index.checkpoint()  # the WAL counts, and deleting rows writes to it
-        total = self.disk.usage(self.index)
-        if total <= cap:
             return 0
         fixed = total - self.disk.shard_usage(self.index)
         if cap < fixed + span[0] and not evict_all:
