@@ -1,5 +1,5 @@
 """Redraw docs/fidelity_pareto.png from every 20-prompt setting measured: the first run's tables
-in README.md (its raw JSON was not kept) and sweep 2's raw JSON in docs/results/. One plot for
+in docs/fidelity.md (its raw JSON was not kept) and sweep 2's raw JSON in docs/results/. One plot for
 both runs, since `bench fidelity --plot` draws only the settings of the run it makes.
 
     LD_PRELOAD=… .venv/bin/python scripts/fidelity_pareto.py
@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from promptvault.bench.fidelity import plot, pareto
-text = Path("README.md").read_text()
+text = Path("docs/fidelity.md").read_text()
 results = []
 for model, key, nice in (("smollm2", "### SmolLM2-135M-Instruct (20", "SmolLM2-135M-Instruct"),
                           ("gemma3-270m", "### Gemma-3-270M (20", "Gemma-3-270M")):

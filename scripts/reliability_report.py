@@ -6,7 +6,7 @@
 Each test of tests/test_reliability_*.py appends what it injected, detected and repaired to the
 JSON-lines file named by $PROMPTVAULT_RELIABILITY_REPORT; this script sets it, runs
 `pytest --long tests/test_reliability_*.py`, and prints one row per fault kind plus the totals
-(as a Markdown table, for the README) and the concurrency load held. Exit status: pytest's.
+(as a Markdown table, for docs/reliability.md) and the concurrency load held. Exit status: pytest's.
 """
 
 from __future__ import annotations
