@@ -104,7 +104,7 @@ def test_kill_9_during_warm(setup, tmp_path, request):
         with Vault(vault) as v:
             report = v.verify()
             rows = v.index.all_chunks()
-        assert report["bad"] == [], event
+        assert report.bad == [], event
         files = shard_files(vault)
         assert {r["file"] for r in rows} <= files, event
         assert not any(r["file"].rsplit("/", 1)[-1].startswith(".tmp-") for r in rows)
@@ -137,7 +137,7 @@ def test_kill_9_during_warm(setup, tmp_path, request):
         assert reused >= setup["doc_tokens"] // BLOCK * BLOCK, event
         assert got == setup["cold"] or not setup["lossless"], event
         with Vault(vault) as v:
-            assert v.verify()["bad"] == [] and not list((vault / "quarantine").glob("*")), event
+            assert v.verify().bad == [] and not list((vault / "quarantine").glob("*")), event
         shutil.rmtree(vault)
     assert lost == 0 and wrong == 0
     # detected: every kill was followed by the checks above (vault opens, verify clean, exact

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from promptvault.codec import KVCodec
 from promptvault.vault import compact, ledger
-from promptvault.vault.chunks import SHARD_FORMAT, TOKENS
+from promptvault.vault.records import SHARD_FORMAT, TOKENS
 from promptvault.vault.errors import CapTooSmallError, VaultSettingsError
 from promptvault.vault.index import Index, corrupt
 from promptvault.vault.keys import tokens_to_bytes

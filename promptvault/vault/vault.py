@@ -43,7 +43,7 @@ from promptvault.codec import KVCodec
 from promptvault.codec.spec import DEFAULT_CODEC
 from promptvault.tokens import token_array
 from promptvault.vault import caches, compact
-from promptvault.vault.chunks import TOKENS as _TOKENS, LoadedChunk as _Loaded
+from promptvault.vault.records import TOKENS as _TOKENS, Loaded as _Loaded
 from promptvault.vault.errors import VaultPathError, VaultReadOnlyError, VaultSettingsError
 from promptvault.vault.index import Index, corrupt as _corrupt
 from promptvault.vault.keys import chunk_key

@@ -21,8 +21,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.tokens import token_array
 from promptvault.vault import caches, ledger
-from promptvault.vault.caches_rows import RestoreError
-from promptvault.vault.chunks import EncodedChunk, LoadedChunk, encode_chunk
+from promptvault.vault.records import EncodedChunk, Loaded, encode_chunk
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
 from promptvault.vault.keys import block_keys, block_spans, tokens_to_bytes
 from promptvault.vault.lookup import exact_only
@@ -75,8 +74,9 @@ class WritePath:
                 reused = spans[len(items) - 1][1]
                 cache = caches.restore_cache(lm.model, [i.payload for i in items], reused)
             have = self.index.existing(keys)  # chunks dropped as unreadable are stored again
-        res = StoreResult(ns.id, len(toks), len(keys), tokens_reused=reused, prefilled=True)
+        res = StoreResult(ns.id, len(toks), len(keys), tokens_reused=reused)
         if not all(k in have for k in keys):
+            res.prefilled = True
             if step is None:
                 step = PREFILL_STEP if mx.default_device() == mx.gpu else CPU_PREFILL_STEP
             size = caches.prefill_step(cache, self.block_size, step)
@@ -213,6 +213,8 @@ class WritePath:
     def _prepare(self, ns: Namespace, payload: caches.BlockPayload, toks: np.ndarray, key: str,
                  parent: str | None) -> EncodedChunk:
         """A captured block as the bytes of its shard file (MLX work: the calling thread's)."""
+        if not payload.complete:  # warm's steps stay within every ring's window: a bug, not bad input
+            raise RuntimeError(f"block [{payload.start}, {payload.end}) was captured after a ring dropped some of its rows")
         if self.disk.cap is not None and payload.nbytes > self.disk.cap:
             raise CapTooSmallError(f"disk cap of {self.disk.cap} bytes is smaller than one block "
                                    f"({payload.nbytes} bytes): raise the cap or lower the block size")
@@ -238,7 +240,7 @@ class WritePath:
                                  f"(after {res.written} new chunks; entries stored before are intact)") from None
         res.write_s += time.perf_counter() - t0
         if written.published:  # the RAM tier holds only the bytes the file holds
-            self.ram.put(job.key, LoadedChunk(job.payload, job.payload.nbytes, job.tokens), job.payload.nbytes)
+            self.ram.put(job.key, Loaded(job.payload, job.payload.nbytes, job.tokens), job.payload.nbytes)
             res.written += 1
             res.bytes_written += written.nbytes
             res.fp16_bytes += fp16_bytes_per_token(job.ns.descriptor) * job.chunk["n_tokens"]

@@ -60,7 +60,7 @@ def encode_chunk(ns: Namespace, payload: caches.BlockPayload, tokens, key: str, 
 
 
 @dataclass
-class LoadedChunk:
+class Loaded:
     """A chunk's payload as the RAM tier keeps it (read back from its shard, or just written)."""
     payload: caches.BlockPayload
     nbytes: int
