@@ -39,7 +39,7 @@ def test_the_public_names():
 
 
 @pytest.mark.parametrize("name", ["lossless", "k4c-v3", "k4cn8o25x6-v3n8-s1", "k8c-v4", "kl-v3n8", "k3-vl-s4",
-                                  "k5cr7-v2", "k1-v8o50x8"])
+                                  "k5cr7-v2", "k1-v8o50x8", "k4cn8o12.5x6-v3"])
 def test_codec_names_parse_and_print_the_same(name):
     codec = KVCodec.parse(name)
     assert str(codec) == name and KVCodec.parse(str(codec)) == codec

@@ -18,7 +18,8 @@ import pytest
 
 from test_reliability_common import (BLOCK, CODEC, LOSSLESS, MAX_TOKENS, QUESTION, cold_text, index_rows, is_long, pv,
                                      record, text, tokens, vault_run, doc_tokens)
-from promptvault.vault import DEFAULT_CODEC, Vault
+from promptvault import DEFAULT_CODEC
+from promptvault.vault import Vault
 
 
 @pytest.fixture(scope="module")

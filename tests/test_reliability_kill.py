@@ -19,7 +19,8 @@ import pytest
 
 from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, doc_tokens, index_rows,
                                      is_long, pv, record, shard_files, temp_files, text, tokens, vault_run)
-from promptvault.vault import DEFAULT_CODEC, Vault
+from promptvault import DEFAULT_CODEC
+from promptvault.vault import Vault
 
 
 @pytest.fixture(scope="module", params=["lossless", "default codec"])

@@ -34,7 +34,7 @@ import numpy as np
 
 from promptvault.models.load import LoadedModel
 
-STEP = 2048  # mlx-lm's default prefill step, and Vault.warm's (vault.PREFILL_STEP)
+STEP = 2048  # mlx-lm's default prefill step, and Vault.warm's on a GPU (write_path.PREFILL_STEP)
 
 RANDOM_SHAPES = {
     # Llama-3.1-8B: 32 layers, 32 query / 8 KV heads of 128, MLP 14,336, vocab 128,256.

@@ -4,6 +4,7 @@ One name grammar prints and parses every codec, so the CLI (`--codec`), the benc
 `promptvault stats` all speak it:
 
     CodecSpec   <bits>[c][n8][o<percent>x<bits>][r<seed>]   or  lossless  (l inside a KVCodec name)
+                c: centered; n8: 8-bit log norms; o..x..: outlier split; r: rotation seed (0 if absent)
                 e.g. 4cn8o25x6: 4 bits, centered, 8-bit log norms, the loudest 25% of channels at 6 bits
     KVCodec     k<spec>-v<spec>[-s<sinks>]                   or  lossless  (both lossless, no sinks)
                 e.g. k4cn8o25x6-v3n8-s1 (DEFAULT_CODEC)
@@ -110,7 +111,7 @@ class CodecSpec:
             raise ValueError(f"{name!r} is not a codec spec (e.g. 4c, 3n8, 4cn8o25x6, lossless)")
         bits, center, norm8, outliers, outlier_bits, seed = m.groups()
         return cls(bits=int(bits), center=bool(center), norm_bits=8 if norm8 else 16,
-                   outliers=int(outliers or 0) / 100, outlier_bits=int(outlier_bits or 0), seed=int(seed or 0))
+                   outliers=float(outliers or 0) / 100, outlier_bits=int(outlier_bits or 0), seed=int(seed or 0))
 
     def outlier_channels(self, dim: int) -> int:
         """How many channels of a head dim the outlier split codes apart (0: no split)."""
@@ -122,16 +123,13 @@ class CodecSpec:
         return k
 
 
-_SPEC_NAME = re.compile(r"^(\d+)(c?)(n8)?(?:o(\d+)x(\d+))?(?:r(\d+))?$")
+_SPEC_NAME = re.compile(r"^(\d+)(c?)(n8)?(?:o(\d+(?:\.\d+)?)x(\d+))?(?:r(\d+))?$")
 _KV_NAME = re.compile(r"^k([^-]+)-v([^-]+)(?:-s(\d+))?$")
 
 
-def _percent(share: float) -> int:
-    """An outlier share as the whole percent the name carries; a share that is not one cannot be named."""
-    pct = round(100 * share)
-    if abs(pct - 100 * share) > 1e-9:
-        raise ValueError(f"an outlier share of {share} is not a whole percent: it has no codec name")
-    return pct
+def _percent(share: float) -> str:
+    """An outlier share as the percent the name carries: 0.25 -> "25", 0.125 -> "12.5"."""
+    return format(round(100 * share, 6), "g")
 
 
 LOSSLESS = CodecSpec(bits=None)
