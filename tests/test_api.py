@@ -82,18 +82,20 @@ def test_fetch_then_save_then_fetch(smollm, tmp_path):
 
 
 def test_save_of_gemma_rings(gemma, tmp_path):
-    """Gemma-3's sliding-window layers (RotatingKVCache, window 512): a prompt within the window is
-    taken from the live cache; past it the ring has dropped the first rows, so the prompt is
-    prefilled again. Either way a later fetch continues exactly as a cold run."""
-    short, long = _tokens(gemma, 300), _tokens(gemma, 700)
+    """Gemma-3's sliding-window layers (RotatingKVCache, window 512), fed as generation feeds them
+    (the prompt, then one token at a time): a prompt within the window is taken from the live
+    cache; past it the rings have dropped the first rows, so the prompt is prefilled again.
+    Either way a later fetch continues exactly as a cold run."""
+    short, long = _tokens(gemma, 300), _tokens(gemma, 900)  # the long one drops block [256, 384)
     with Vault(tmp_path, block_size=128, codec=LOSSLESS) as vault:
         for tokens, prefilled in ((short, False), (long, True)):
             cache = make_prompt_cache(gemma.model)
             assert any(type(c) is RotatingKVCache for c in cache)
-            _logits(gemma, tokens, cache)
+            _logits(gemma, tokens[:-1], cache)
+            _logits(gemma, tokens[-1:], cache)  # a one-token update: a full ring drops its oldest row
             s = vault.save(gemma, cache, tokens)
             assert s.prefilled is prefilled and s.written > 0
-            question = tokens + _tokens(gemma, 5, offset=900)
+            question = tokens + _tokens(gemma, 5, offset=1000)
             cache, rest = vault.fetch(gemma, question)
             assert rest == question[len(tokens):]
             assert mx.allclose(_logits(gemma, rest, cache), _logits(gemma, question), atol=1e-3).item()

@@ -66,7 +66,7 @@ class Maintenance:
 
     def warmed(self) -> list[Warmed]:
         """The prompts stored by warm(), oldest first."""
-        return [_warmed(w) for w in self.index.warmed()]
+        return [Warmed.from_row(w) for w in self.index.warmed()]
 
     def describe(self, ref: str) -> Description:
         """The warmed prompts labelled `ref`, or else the one chunk whose key starts with `ref`;
@@ -74,7 +74,7 @@ class Maintenance:
         neither matches (or the prefix matches several chunks)."""
         warmed = [w for w in self.index.warmed() if w["label"] == ref]
         if warmed:
-            return Description(ref, warmed=[_warmed(w) for w in warmed],
+            return Description(ref, warmed=[Warmed.from_row(w) for w in warmed],
                                chains=[self._chain(w["last_key"]) for w in warmed])
         keys = [r["key"] for r in self.index.all_chunks() if r["key"].startswith(ref)]
         if len(keys) != 1:
@@ -82,11 +82,11 @@ class Maintenance:
         row = self.index.chunk(keys[0])
         if row is None:  # removed by another process since
             raise VaultSettingsError(f"chunk {keys[0][:12]} was removed meanwhile")
-        return Description(ref, chunk=_chunk_info(row), chains=[self._chain(keys[0])])
+        return Description(ref, chunk=ChunkInfo.from_row(row), chains=[self._chain(keys[0])])
 
     def _chain(self, key: str | None) -> list[ChunkInfo]:
         """The chunks from the prompt's start to `key`, in token order."""
-        return [_chunk_info(r) for r in reversed(self._ancestor_rows(key))]
+        return [ChunkInfo.from_row(r) for r in reversed(self._ancestor_rows(key))]
 
     def _ancestors(self, key: str | None) -> list[str]:
         return [r["key"] for r in self._ancestor_rows(key)]
@@ -377,13 +377,3 @@ class Maintenance:
                     changed = True
         return doomed
 
-
-def _warmed(row: dict) -> Warmed:
-    return Warmed(label=row["label"], source=row["source"], tokens=row["n_tokens"], namespace=row["namespace"],
-                  created=row["created"], last_key=row["last_key"])
-
-
-def _chunk_info(row: dict) -> ChunkInfo:
-    return ChunkInfo(key=row["key"], parent=row["parent"], namespace=row["namespace"], position=row["position"],
-                     n_tokens=row["n_tokens"], bytes=row["bytes"], file=row["file"], created=row.get("created"),
-                     last_used=row.get("last_used"), hits=row.get("hits"))

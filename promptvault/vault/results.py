@@ -112,6 +112,11 @@ class Warmed:
     created: float
     last_key: str
 
+    @classmethod
+    def from_row(cls, row: dict) -> "Warmed":
+        return cls(label=row["label"], source=row["source"], tokens=row["n_tokens"], namespace=row["namespace"],
+                   created=row["created"], last_key=row["last_key"])
+
 
 @dataclass
 class ChunkInfo:
@@ -126,6 +131,13 @@ class ChunkInfo:
     created: float | None = None
     last_used: float | None = None
     hits: int | None = None
+
+    @classmethod
+    def from_row(cls, row: dict) -> "ChunkInfo":
+        """From an index row (index.py); its token bytes and checksum stay in the index."""
+        return cls(key=row["key"], parent=row["parent"], namespace=row["namespace"], position=row["position"],
+                   n_tokens=row["n_tokens"], bytes=row["bytes"], file=row["file"], created=row.get("created"),
+                   last_used=row.get("last_used"), hits=row.get("hits"))
 
 
 @dataclass
