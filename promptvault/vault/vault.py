@@ -18,9 +18,10 @@ whether a prompt was seen):
     shards/ab/cd/<key>.safetensors   one chunk per file (see shards.py)
     quarantine/         shards that failed their checksum, kept for inspection
 
-`lm` is a promptvault.models.LoadedModel, or anything with `.model` (an mlx-lm model) and
-`.fingerprint` (a string that changes with weights, tokenizer and chat template). Token
-sequences may be given as text, which is then encoded with `lm.tokenizer`.
+`lm` is a promptvault.models.LoadedModel (load_model, or from_mlx_lm for what mlx_lm.load
+returned), or anything with `.model` (an mlx-lm model) and `.fingerprint` (a string that changes
+with weights, tokenizer and chat template). Token sequences may be given as text, which is then
+encoded as is with `lm.tokenizer` (promptvault.tokens).
 """
 
 from __future__ import annotations
