@@ -148,3 +148,23 @@ def test_missing_mlx_backend_is_one_line(tmp_path):
                           "except ImportError as e:\n    print(type(e).__name__, e)"],
                          capture_output=True, text=True, env=env, timeout=120)
     assert lib.stdout.startswith("MissingBackendError") and 'pip install "promptvault[cpu]"' in lib.stdout
+
+
+def test_cli_codec_and_option_sets(tmp_path):
+    """The CLI names codecs in the one grammar, and verbs that run no model take no model options."""
+    from click.testing import CliRunner
+
+    from promptvault.cli import main
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(a) for a in args])
+
+    bad = cli("warm", tmp_path / "doc.txt", "--codec", "k4z-v3", "--vault", tmp_path / "v")
+    assert bad.exit_code == 2 and "is not a codec" in bad.output
+    both = cli("run", "-p", "hi", "--codec", "k4c-v3", "--quality", "small", "--vault", tmp_path / "v")
+    assert both.exit_code == 2 and "--quality, --codec" in both.output
+    for verb in ("verify", "stats", "ls", "reindex", "gc"):
+        for option in ("--block-size", "--model", "--key-bits"):
+            assert cli(verb, option, "8", "--vault", tmp_path / "v").exit_code == 2, (verb, option)
+    assert cli("config", "--disk-cap", "none", "--vault", tmp_path / "v").exit_code == 0
+    assert cli("gc", "--max-bytes", "lots", "--vault", tmp_path / "v").exit_code == 2
