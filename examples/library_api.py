@@ -12,8 +12,7 @@ import time
 
 from mlx_lm import stream_generate
 
-from promptvault.models import load_model
-from promptvault.vault import Vault
+from promptvault import Vault, load_model
 
 RULES = "\n".join(
     f"{i}. When a customer asks about order type {i}, quote policy section {i * 7 % 31} and "
@@ -55,8 +54,7 @@ def main() -> None:
         answer(lm, vault, "What is the resolution window for order type 12?")
         answer(lm, vault, "Which policy section applies to order type 3?")
         s = vault.stats()
-        print(f"\nvault {s['path']}: {s['disk_bytes'] / 1e6:.2f} MB on disk, "
-              f"{sum(n['chunks'] for n in s['namespaces'])} chunks, {s['ram_chunks']} in RAM")
+        print(f"\nvault {s.path}: {s.bytes_on_disk / 1e6:.2f} MB on disk, {s.chunks} chunks, {s.ram_chunks} in RAM")
 
 
 if __name__ == "__main__":

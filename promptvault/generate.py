@@ -20,12 +20,12 @@ from typing import Callable
 
 import mlx.core as mx
 from mlx_lm.generate import stream_generate
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
 from promptvault.errors import PromptvaultError
-from promptvault.vault.caches import UnsupportedCacheError
-from promptvault.vault.lookup import common_prefix
+from promptvault.vault.caches import UnsupportedCacheError, position
+from promptvault.tokens import common_prefix
 
 log = logging.getLogger(__name__)
 # Prompt tokens per prefill step: small enough that a progress line moves every second or two
@@ -106,11 +106,7 @@ def run_prompt(
         wanted = None if store_tokens is None else list(store_tokens("".join(pieces)))
         keep = _tokens_to_store(tokens, answer, cache, wanted)
         try:
-            if all(type(layer) is KVCache for layer in cache):
-                stored = vault.save(lm, cache, keep)
-            else:
-                stored = vault.warm(lm, keep)
-            saved = stored.written
+            saved = vault.save(lm, cache, keep).written
         except UnsupportedCacheError as e:  # the answer stands; only storing it is impossible
             log.warning("%s: this prompt was not stored", e)
         save_s = time.perf_counter() - save_start
@@ -123,12 +119,10 @@ def run_prompt(
 
 
 def _tokens_to_store(prompt: list[int], answer: list[int], cache: list, wanted: list[int] | None) -> list[int]:
-    """The prompt, or the longest prefix of `wanted` that the live cache holds rows for (the
-    prompt then the answer tokens fed back), never less than the prompt. A ring or recurrent
-    layer is re-prefilled by warm, so there all of `wanted` goes."""
+    """The prompt, or the longest prefix of `wanted` that the live cache has seen (the prompt
+    then the answer tokens fed back), never less than the prompt."""
     if wanted is None:
         return prompt
-    if not all(type(layer) is KVCache for layer in cache):
-        return wanted
-    n = common_prefix((prompt + answer)[:cache[0].offset], wanted)
+    seen = position(cache)
+    n = common_prefix((prompt + answer)[:seen], wanted)
     return wanted[:n] if n > len(prompt) else prompt

@@ -19,7 +19,7 @@ question can change.
 """
 
 from promptvault.errors import PromptvaultError
-from promptvault.vault.lookup import common_prefix
+from promptvault.tokens import common_prefix, encode_text
 
 SEPARATOR = "\n\n"
 # First characters of the questions the stored prefix must be a prefix for (questions are
@@ -43,7 +43,7 @@ def encode(tokenizer, text: str, *, raw: bool, system: str | None = None) -> lis
     if raw or not has_chat_template(tokenizer):
         if system:
             raise PromptvaultError("--system needs the chat template: drop --raw (or --system)")
-        return list(tokenizer.encode(text, add_special_tokens=True))
+        return encode_text(tokenizer, text)
     return encode_messages(tokenizer, [{"role": "user", "content": text}], system=system)
 
 

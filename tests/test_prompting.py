@@ -4,7 +4,7 @@ stores for a document is a true token prefix of every `run --context DOC -p QUES
 import pytest
 
 from promptvault.prompting import context_prefix, encode, user_text
-from promptvault.vault.lookup import common_prefix
+from promptvault.tokens import common_prefix
 
 DOC = "The museum opened in 1931.\nIts first curator was Ada Byrne, who kept a diary.\n\n"
 QUESTIONS = ["Who was the first curator?", "1931 or 1932?", "¿Quién?", "(a) or (b)?", "Ωmega", "<tag> ok",

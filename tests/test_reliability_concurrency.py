@@ -13,7 +13,7 @@ from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold
 from promptvault.vault import Vault
 from promptvault.vault.shards import read_shard
 from promptvault.vault.tiers import disk_usage
-from promptvault.vault.vault import _chain_keys
+from promptvault.vault.keys import block_keys
 
 VARIANTS = 4
 
@@ -64,14 +64,14 @@ def test_processes_warming_and_running_overlapping_prompts(smollm, tmp_path, req
             for path in (prompts[k], questions[k]):
                 if path in prompts[: min(n, VARIANTS)] or path in [questions[(i + 1) % VARIANTS] for i in range(n)]:
                     toks = (doc_tokens if path in prompts else tokens)(lm, path.read_text())
-                    expected |= set(_chain_keys(ns, toks, v._spans(len(toks))))
+                    expected |= set(block_keys(ns.digest, toks, v.block_size, tail=True))
         report = v.verify()
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys))
     assert {r["file"] for r in rows} == shard_files(vault)
     assert not temp_files(vault)
     assert set(keys) >= expected, len(expected - set(keys))
-    assert report["bad"] == []
+    assert report.bad == []
     record("concurrent warm + run", injected=0, detected=0, repaired=0, wrong_outputs=0, data_lost=0,
            processes=n, operations=2 * n, chunks=len(keys))
 
@@ -97,7 +97,7 @@ def test_disk_cap_holds_under_concurrent_writers(smollm, tmp_path, request):
     assert used <= cap + block, (used, cap, block)
     with Vault(vault) as v:
         rows = v.index.all_chunks()
-        assert v.verify()["bad"] == []
+        assert v.verify().bad == []
     assert {r["file"] for r in rows} == shard_files(vault) and not temp_files(vault)
     record("disk cap, concurrent writers", injected=0, detected=0, repaired=0, wrong_outputs=0, data_lost=0,
            processes=n, cap_bytes=cap, used_bytes=used, block_bytes=block, evicted=evicted)
@@ -130,8 +130,8 @@ def test_lossy_concurrent_warms_keep_one_set_of_bytes_per_chunk(smollm, tmp_path
         with Vault(vault) as v:
             rows = v.index.all_chunks()
             report = v.verify()
-            assert report["bad"] == []
-            assert report["missing"] == [] and report["adopted"] == []
+            assert report.bad == []
+            assert report.missing == [] and report.adopted == []
             assert not (vault / "quarantine").exists() or not any((vault / "quarantine").iterdir())
             for row in rows:  # the index agrees with the file that won
                 assert read_shard(vault / "shards" / row["file"]).checksum == row["checksum"]
@@ -142,7 +142,7 @@ def test_lossy_concurrent_warms_keep_one_set_of_bytes_per_chunk(smollm, tmp_path
         keys = [r["key"] for r in rows]
         assert len(keys) == len(set(keys)) and {r["file"] for r in rows} == shard_files(vault)
         assert not temp_files(vault)
-        quarantined += len(report["bad"])
+        quarantined += len(report.bad)
         chunks += len(keys)
     record("concurrent lossy warms", injected=0, detected=0, repaired=0, wrong_outputs=0, data_lost=quarantined,
            processes=n, rounds=rounds, chunks=chunks)

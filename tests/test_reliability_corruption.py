@@ -18,7 +18,8 @@ import pytest
 
 from test_reliability_common import (BLOCK, CODEC, LOSSLESS, MAX_TOKENS, QUESTION, cold_text, index_rows, is_long, pv,
                                      record, text, tokens, vault_run, doc_tokens)
-from promptvault.vault import DEFAULT_CODEC, Vault
+from promptvault import DEFAULT_CODEC
+from promptvault.vault import Vault
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def _rewarm(base, vault) -> bool:
     with Vault(vault, codec=CODEC) as v:
         v.warm(base["lm"], base["doc_toks"])
         keys = {r["key"] for r in v.index.all_chunks()}
-        return keys >= base["keys"] and v.verify()["bad"] == []
+        return keys >= base["keys"] and v.verify().bad == []
 
 
 def _flip(shard: Path, rng, in_header: bool) -> int:
@@ -130,7 +131,7 @@ def test_random_byte_flips_in_shards_default_codec(lossy, tmp_path, request):
         wrong += got != want
         assert got == want, (row["file"], at)
         with Vault(vault) as v:
-            assert v.verify()["bad"] == []  # the run already set it aside: nothing else is bad
+            assert v.verify().bad == []  # the run already set it aside: nothing else is bad
             left = {r["key"] for r in v.index.all_chunks()}
         quarantined = sorted(p.name for p in (vault / "quarantine").glob("*"))
         assert len(quarantined) == 1 and row["key"] in quarantined[0], (quarantined, row["key"])

@@ -44,7 +44,7 @@ def prompts(smollm, tmp_path):
 def _check_intact(lm, vault, before: set, prompts) -> int:
     """Earlier entries are all there, verify is clean, no temp file left; returns chunks lost."""
     with Vault(vault) as v:
-        assert v.verify()["bad"] == []
+        assert v.verify().bad == []
         rows = v.index.all_chunks()
     assert {r["file"] for r in rows} == shard_files(vault) and not temp_files(vault)
     got, reused = vault_run(lm, vault, prompts["q_toks"])

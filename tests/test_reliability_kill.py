@@ -19,7 +19,8 @@ import pytest
 
 from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold_text, doc_tokens, index_rows,
                                      is_long, pv, record, shard_files, temp_files, text, tokens, vault_run)
-from promptvault.vault import DEFAULT_CODEC, Vault
+from promptvault import DEFAULT_CODEC
+from promptvault.vault import Vault
 
 
 @pytest.fixture(scope="module", params=["lossless", "default codec"])
@@ -104,7 +105,7 @@ def test_kill_9_during_warm(setup, tmp_path, request):
         with Vault(vault) as v:
             report = v.verify()
             rows = v.index.all_chunks()
-        assert report["bad"] == [], event
+        assert report.bad == [], event
         files = shard_files(vault)
         assert {r["file"] for r in rows} <= files, event
         assert not any(r["file"].rsplit("/", 1)[-1].startswith(".tmp-") for r in rows)
@@ -137,7 +138,7 @@ def test_kill_9_during_warm(setup, tmp_path, request):
         assert reused >= setup["doc_tokens"] // BLOCK * BLOCK, event
         assert got == setup["cold"] or not setup["lossless"], event
         with Vault(vault) as v:
-            assert v.verify()["bad"] == [] and not list((vault / "quarantine").glob("*")), event
+            assert v.verify().bad == [] and not list((vault / "quarantine").glob("*")), event
         shutil.rmtree(vault)
     assert lost == 0 and wrong == 0
     # detected: every kill was followed by the checks above (vault opens, verify clean, exact

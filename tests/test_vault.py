@@ -10,7 +10,7 @@ import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import LOSSLESS, CodecSpec, KVCodec, bytes_per_vector
-from promptvault.vault import Vault
+from promptvault.vault import ReindexResult, Vault
 from promptvault.vault.tiers import allocated
 
 TEXT = (Path(__file__).parent / "data" / "gpl3_opening.txt").read_text()
@@ -129,7 +129,7 @@ def test_reindex_rebuilds_a_deleted_index(shared_vault, smollm, tmp_path):
     with Vault(copy, codec=K3V3) as vault:
         vault.index.clear()
         assert vault.lookup(smollm, b).tokens_reused == 0
-        assert vault.reindex() == {"files": 7, "indexed": 7, "quarantined": 0, "namespaces": 1, "warmed": 2}
+        assert vault.reindex() == ReindexResult(files=7, indexed=7, quarantined=0, namespaces=1, warmed=2)
         assert sorted((r["key"], r["file"], r["checksum"]) for r in vault.index.all_chunks()) == before
         assert vault.lookup(smollm, b).tokens_reused == 1099
     for p in copy.glob("index.sqlite*"):
@@ -173,7 +173,7 @@ def test_flipped_byte_in_any_shard_costs_only_that_chunk(smollm, text_tokens, tm
                 r = vault.restore(smollm, toks)  # the intact chunks before the damaged one serve
                 assert (r.tokens_reused, r.quarantined) == (position, [shard.stem])
                 assert greedy(smollm, toks, r.cache, position, n=8) == cold
-                assert not target.exists() and vault.stats()["quarantined"] == 1
+                assert not target.exists() and vault.stats().quarantined == 1
 
 
 def test_gemma_rings_restore_through_the_vault(gemma, tmp_path):

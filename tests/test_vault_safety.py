@@ -9,7 +9,6 @@ import sqlite3
 import types
 
 import mlx.core as mx
-import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm.models import mamba
@@ -40,50 +39,55 @@ def _prefilled(lm, toks):
     return cache
 
 
-def test_save_of_purely_recurrent_state_is_refused_not_misplaced(tmp_path):
+def test_save_of_purely_recurrent_state_prefills_instead_of_misplacing_it(tmp_path):
     lm = tiny_mamba()
     toks = prompt(16)
     with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
-        with pytest.raises(VaultSettingsError, match="warm the prompt"):
-            vault.save(lm, _prefilled(lm, toks), toks)  # the state is at 16: not block [0, 8)'s
-        assert vault.index.all_chunks() == []
-        assert vault.restore(lm, toks[:8] + [3]).tokens_reused == 0
-        vault.warm(lm, toks)  # warm captures the state at every block end
+        s = vault.save(lm, _prefilled(lm, toks), toks)  # the state is at 16: not block [0, 8)'s
+        assert s.prefilled and s.written == 2  # so the prompt was prefilled again, every block end seen
         r = vault.restore(lm, toks[:8] + [3])
         assert r.tokens_reused == 8
         ref = last_logits(lm, toks[:8] + [3])
         assert mx.allclose(last_logits(lm, toks[:8] + [3], r.cache, 8), ref, atol=1e-4).item()
 
 
-def test_hybrid_save_stores_only_the_block_ending_where_the_cache_is(tmp_path):
+def test_hybrid_save_takes_from_the_cache_only_the_block_ending_where_it_is(tmp_path):
     lm = tiny_hybrid()
     toks = prompt(16)
-    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
-        with pytest.raises(VaultSettingsError, match="ending at 8 are not stored"):
-            vault.save(lm, _prefilled(lm, toks), toks)
+    with Vault(tmp_path / "a", block_size=8, codec=LOSSLESS_KV) as vault:
+        s = vault.save(lm, _prefilled(lm, toks), toks)  # block [0, 8) is not where the cache is
+        assert s.prefilled and s.written == 2
+    with Vault(tmp_path / "b", block_size=8, codec=LOSSLESS_KV) as vault:
         vault.warm(lm, toks[:8])
         s = vault.save(lm, _prefilled(lm, toks), toks)  # only [8, 16) was missing: the cache is at 16
-        assert s.written == 1
+        assert s.written == 1 and not s.prefilled
         longer = toks + [7]
         r = vault.restore(lm, longer)
         assert r.tokens_reused == 16
         assert mx.allclose(last_logits(lm, longer, r.cache, 16), last_logits(lm, longer), atol=1e-4).item()
 
 
-def test_save_of_a_non_default_cache_gives_advice_that_works(tmp_path):
+def test_save_of_a_non_default_cache_stores_the_default_one(tmp_path):
     lm = tiny_llama()
     toks = prompt(20)
     ring = [RotatingKVCache(64, keep=4) for _ in lm.model.layers]  # what max_kv_size gives: not the default
     lm.model(mx.array([toks]), cache=ring)
     with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
-        with pytest.raises(VaultSettingsError, match=r"RotatingKVCache.*save that"):
-            vault.save(lm, ring, toks)
-        assert vault.index.all_chunks() == []
-        assert vault.save(lm, _prefilled(lm, toks), toks).written == 3  # the advice: save the default cache
+        s = vault.save(lm, ring, toks)
+        assert s.prefilled and s.written == 3
         longer = toks + [1]
         r = vault.restore(lm, longer)
         assert r.tokens_reused == 20
         assert mx.allclose(last_logits(lm, longer, r.cache, 20), last_logits(lm, longer), atol=1e-4).item()
+
+
+def test_save_refuses_a_cache_shorter_than_the_tokens(tmp_path):
+    lm = tiny_llama()
+    toks = prompt(20)
+    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
+        with pytest.raises(VaultSettingsError, match="holds 12 tokens, fewer than the 20"):
+            vault.save(lm, _prefilled(lm, toks[:12]), toks)
+        assert vault.index.all_chunks() == []
 
 
 def _chunked_model():
@@ -119,7 +123,7 @@ def _cli(*args):
 
 
 @pytest.mark.parametrize("args", [["gc", "--disk-cap", "1"], ["gc", "--disk-cap", "0"], ["gc", "--disk-cap", "100"],
-                                  ["gc", "--max-bytes", "0"], ["stats", "--disk-cap", "1"],
+                                  ["gc", "--max-bytes", "0"],
                                   ["config", "--disk-cap", "1"]])
 def test_a_cap_below_one_block_is_refused_before_anything_is_evicted(tmp_path, args):
     _, rows = _filled(tmp_path)
@@ -160,7 +164,7 @@ def test_caps_stored_in_the_vault_are_used_by_later_commands(tmp_path):
     assert res.exit_code == 0, res.output
     with Vault(tmp_path) as vault:
         assert (vault.disk.cap, vault.ram.cap) == (total, 2**20)
-        assert vault.gc()["evicted"] > 0  # the stored cap is enforced without being passed again
+        assert vault.gc().evicted > 0  # the stored cap is enforced without being passed again
     assert '"disk_cap": ' + str(total) in _cli("config", "--vault", tmp_path, "--json").output
     assert _cli("config", "--disk-cap", "none", "--vault", tmp_path).exit_code == 0
     with Vault(tmp_path) as vault:
@@ -186,7 +190,7 @@ def test_verify_adopts_shards_the_index_does_not_list(tmp_path):
         db.execute("DELETE FROM chunks WHERE key = ?", (rows[0]["key"],))
     with Vault(tmp_path) as vault:
         report = vault.verify()
-        assert report["adopted"] == [rows[0]["key"]] and report["checked"] == len(rows)
+        assert report.adopted == [rows[0]["key"]] and report.checked == len(rows)
         assert vault.index.chunk(rows[0]["key"]) is not None
 
 
@@ -251,7 +255,7 @@ def test_ls_forgets_prompts_whose_chunks_were_evicted(tmp_path):
     with Vault(tmp_path) as vault:
         vault.index.checkpoint()
         vault.disk.cap = disk_usage(tmp_path) - 1
-        assert vault.gc()["evicted"] >= 1
+        assert vault.gc().evicted >= 1
         kept = {w["label"] for w in vault.index.warmed()}
         assert all(vault.index.chunk(w["last_key"]) for w in vault.index.warmed())
     assert "doc" not in kept

@@ -13,7 +13,7 @@ from mlx_lm.models import gemma3_text, llama, qwen3_5
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
-from promptvault.vault import Vault
+from promptvault.vault import Vault, VerifyResult
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
 from promptvault.vault.tiers import disk_usage
 
@@ -156,7 +156,7 @@ def test_eviction_skips_files_it_cannot_delete(tmp_path):
     with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
         largest = max(r["bytes"] for r in vault.index.all_chunks())
     with Vault(tmp_path, codec=LOSSLESS_KV, disk_cap=largest) as vault:
-        evicted = vault.gc(evict_all=True)["evicted"]
+        evicted = vault.gc(evict_all=True).evicted
         # b's chain went; a's stuck leaf was skipped, so its blocks (which it extends) stay
         assert evicted == 3 and stuck.is_dir()
         assert sorted(r["key"] for r in vault.index.all_chunks()) == sorted(chain_a)
@@ -189,9 +189,9 @@ def test_flipped_byte_is_a_miss_and_quarantined(tmp_path):
         r = vault.restore(lm, toks)
         # the leaf was bad: the intact blocks before it serve this very run
         assert (r.tokens_reused, r.tier, len(r.quarantined), r.missing) == (16, "disk", 1, [])
-        assert not shard.exists() and vault.stats()["quarantined"] == 1
+        assert not shard.exists() and vault.stats().quarantined == 1
         assert vault.restore(lm, toks).tokens_reused == 16
-        assert vault.verify()["bad"] == []
+        assert vault.verify().bad == []
 
 
 def test_a_bad_chunk_in_the_middle_keeps_the_chunks_before_it(tmp_path):
@@ -256,7 +256,7 @@ def test_several_processes_share_one_vault(tmp_path):
     with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
         files = list((tmp_path / "shards").rglob("*"))
         assert not [f for f in files if f.name.startswith(".tmp-")]
-        assert vault.verify() == {"checked": 3 * 5 + 3 * 2, "ok": 21, "bad": [], "adopted": [], "missing": []}
+        assert vault.verify() == VerifyResult(checked=3 * 5 + 3 * 2, ok=21, bad=[], adopted=[], missing=[])
         assert vault.restore(tiny_llama(), prompt(40, 1) + prompt(5, 11)).tokens_reused == 44
 
 
@@ -275,12 +275,12 @@ def test_gc_rm_and_namespaces(tmp_path):
         row = vault.lookup(lm, prompt(24) + prompt(4, 1)).chunks[-1]
         (tmp_path / "shards" / row["file"]).unlink()
         g = vault.gc()
-        assert g["temp_files_removed"] == 1 and g["rows_dropped"] == 1 and not stale.exists()
+        assert g.temp_files_removed == 1 and g.rows_dropped == 1 and not stale.exists()
         assert [w["label"] for w in vault.index.warmed()] == ["b"]  # "a" lost its last chunk: forgotten
         with pytest.raises(VaultSettingsError, match="no warmed prompt is labelled 'a'"):
             vault.rm(label="a")
-        assert vault.rm(label="b") == 4
-        assert vault.stats()["namespaces"][0]["chunks"] == 0
+        assert vault.rm(label="b").removed_chunks == 4
+        assert vault.stats().namespaces[0].chunks == 0
 
 
 def test_save_a_live_cache_then_restore(tmp_path):
@@ -311,7 +311,7 @@ def test_warm_rewrites_a_corrupted_block(tmp_path):
     with Vault(tmp_path, codec=LOSSLESS_KV) as vault:
         w = vault.warm(lm, toks)
         assert (w.tokens_reused, w.written) == (0, 2)  # block 0 again, plus the new leaf
-        assert vault.verify() == {"checked": 4, "ok": 4, "bad": [], "adopted": [], "missing": []}
+        assert vault.verify() == VerifyResult(checked=4, ok=4, bad=[], adopted=[], missing=[])
         assert vault.restore(lm, toks).tokens_reused == 29
 
 
@@ -327,15 +327,12 @@ def test_restore_reads_only_the_shards_it_needs(tmp_path):
         assert hits == [0, 0, 0, 1, 1]
 
 
-def test_save_refuses_a_ring_that_dropped_rows(tmp_path):
+def test_save_of_a_ring_that_dropped_rows_prefills_the_prompt(tmp_path):
     lm = tiny_gemma()  # sliding window 12
     toks = prompt(40)
     cache = make_prompt_cache(lm.model)
     for t in toks:  # one token at a time: the rings keep only the last 12 rows
         lm.model(mx.array([[t]]), cache=cache)
     with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
-        with pytest.raises(VaultSettingsError, match="warm the prompt"):
-            vault.save(lm, cache, toks)
-        assert vault.index.all_chunks() == []
-        w = vault.warm(lm, toks)
-        assert w.written == 5 and vault.restore(lm, toks + [1]).tokens_reused == 40
+        s = vault.save(lm, cache, toks)
+        assert s.prefilled and s.written == 5 and vault.restore(lm, toks + [1]).tokens_reused == 40

@@ -110,7 +110,7 @@ def test_a_write_error_in_the_writer_is_one_error_with_earlier_chunks_intact(tmp
         assert {r["key"] for r in vault.index.all_chunks()} == set(keys[:3])
         files = {p.name.removesuffix(".safetensors") for p in vault.shards.rglob("*") if p.is_file()}
         assert files == set(keys[:3]) | {obstacle.name}  # no temp file, nothing unindexed
-        assert vault.verify()["bad"] == []
+        assert vault.verify().bad == []
         r = vault.restore(lm, toks)
         assert r.tokens_reused == 24
         obstacle.unlink()

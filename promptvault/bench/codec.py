@@ -59,9 +59,10 @@ def real_kv(model_spec: str | None, tokens: int) -> tuple[str, mx.array, mx.arra
     from mlx_lm.models.cache import make_prompt_cache
 
     from promptvault.models import load_model
+    from promptvault.tokens import encode_text
 
     loaded = load_model(model_spec)
-    ids = loaded.tokenizer.encode(real_text())[:tokens]
+    ids = encode_text(loaded.tokenizer, real_text())[:tokens]
     cache = make_prompt_cache(loaded.model)
     loaded.model(mx.array(ids)[None], cache=cache)
     keys = [c.state[0][..., : len(ids), :] for c in cache]

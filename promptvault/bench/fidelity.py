@@ -30,8 +30,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
-from promptvault.vault.lookup import common_prefix
+from promptvault.codec import LOSSLESS, KVCodec
+from promptvault.tokens import common_prefix, encode_text
 
 PROMPTS_FILE = Path(__file__).parent / "prompts" / "prompts.json"
 CONTINUATION = 64
@@ -54,46 +54,17 @@ class Setting:
         return self.kv is not None and self.kv.keys.lossless and self.kv.values.lossless and not self.kv.sinks
 
 
-_SPEC = re.compile(r"^(\d+)(c?)(n8)?(?:o(\d+)x(\d+))?$")
-
-
-def _spec(part: str) -> CodecSpec:
-    """'4c' -> 4 bits centered, '3n8' -> 3 bits with 8-bit log norms, '4cn8o25x6' -> the loudest
-    25% of each head's channels apart at 6 bits, 'l' -> lossless."""
-    if part == "l":
-        return LOSSLESS
-    m = _SPEC.match(part)
-    if not m:
-        raise ValueError(f"bad codec part {part!r}")
-    bits, center, norm8, outliers, outlier_bits = m.groups()
-    return CodecSpec(bits=int(bits), center=bool(center), norm_bits=8 if norm8 else 16,
-                     outliers=int(outliers or 0) / 100, outlier_bits=int(outlier_bits or 0))
-
-
 def parse_setting(name: str) -> Setting:
-    """Names: 'lossless', 'affine4', 'affine8', or 'k<spec>-v<spec>[-s<sinks>][-b<block>]' with
-    spec = <bits>[c][n8][o<channels>x<bits>] or 'l' (lossless): e.g. 'k4c-v3' (4-bit centered
-    keys, 3-bit values), 'k5cn8-v3n8-s4-b512', 'k4cn8o25x6-v3n8-s1'."""
-    if name == "lossless":
-        return Setting(name, KVCodec(LOSSLESS, LOSSLESS))
+    """Names: 'affine4', 'affine8', or a codec name (promptvault.codec.spec grammar, e.g.
+    'lossless', 'k4c-v3', 'k4cn8o25x6-v3n8-s1') with an optional block size '-b<tokens>'
+    (e.g. 'k5cn8-v3n8-s4-b512')."""
     if name.startswith("affine"):
         return Setting(name, affine_bits=int(name[len("affine"):]))
-    keys = values = None
-    sinks, block = 0, 256
-    for part in name.split("-"):
-        if part.startswith("k"):
-            keys = _spec(part[1:])
-        elif part.startswith("v"):
-            values = _spec(part[1:])
-        elif part.startswith("s"):
-            sinks = int(part[1:])
-        elif part.startswith("b"):
-            block = int(part[1:])
-        else:
-            raise ValueError(f"bad setting part {part!r} in {name!r}")
-    if keys is None or values is None:
-        raise ValueError(f"setting {name!r} needs k<bits> and v<bits>")
-    return Setting(name, KVCodec(keys, values, sinks=sinks), block_size=block)
+    codec, block = name, 256
+    m = re.match(r"^(.*)-b(\d+)$", name)
+    if m:
+        codec, block = m.group(1), int(m.group(2))
+    return Setting(name, KVCodec.parse(codec), block_size=block)
 
 
 # Issue 6's grid (centered keys, as the vault codes them), 8-bit keys, MLX affine; then what
@@ -114,13 +85,14 @@ def load_prompts(path: Path = PROMPTS_FILE) -> list[dict]:
 def prompt_tokens(prompt: dict, tokenizer) -> list[int]:
     """Token ids of a prompt: text as is; chat through the model's chat template, or a plain
     'Role: text' layout when the tokenizer has none (Gemma-3-270M base)."""
+    from promptvault.prompting import encode_messages, has_chat_template
+
     if "text" in prompt:
-        return list(tokenizer.encode(prompt["text"]))
+        return encode_text(tokenizer, prompt["text"])
     messages = prompt["messages"]
-    if getattr(tokenizer, "chat_template", None):
-        return list(tokenizer.apply_chat_template(messages, tokenize=True))
-    text = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-    return list(tokenizer.encode(text))
+    if has_chat_template(tokenizer):
+        return encode_messages(tokenizer, messages, add_generation_prompt=False)
+    return encode_text(tokenizer, "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages))
 
 
 # ---------------------------------------------------------------- one prompt
@@ -257,21 +229,14 @@ def shard_bytes(lm, prep: Prepared, setting: Setting) -> int:
         return int(round(fp16_bytes(prep.cache, prep.prefix) / 2 * per_coord))
     import tempfile
 
-    from promptvault.vault import Vault, compact
-    from promptvault.vault.shards import _encode
+    from promptvault.vault import Vault
+    from promptvault.vault.records import encode_chunk
 
+    tokens = prep.tokens[: prep.prefix]
     with tempfile.TemporaryDirectory() as tmp, Vault(tmp, block_size=setting.block_size, codec=setting.kv) as vault:
         ns = vault.namespace(lm)
-        total = 0
-        for p in encode_payloads(prep, setting.kv, setting.block_size):
-            meta = {k: v for k, v in p.meta.items() if k not in ("layout", "codec")}
-            chunk = {"key": "0" * 64, "parent": "0" * 64, "namespace": ns.id, "position": p.start,
-                     "n_tokens": p.end - p.start}
-            arrays = {**p.arrays, "_tokens": mx.zeros((p.end - p.start,), dtype=mx.uint32)}
-            blob, _ = _encode(arrays, {"format": "1", "chunk": json.dumps(chunk, separators=(",", ":")),
-                                       "namespace": compact.pack(ns.descriptor), "payload": compact.pack(meta)})
-            total += len(blob)
-    return total
+        return sum(encode_chunk(ns, p, tokens, "0" * 64, "0" * 64 if p.start else None).nbytes
+                   for p in encode_payloads(prep, setting.kv, setting.block_size))
 
 
 # ---------------------------------------------------------------- the run

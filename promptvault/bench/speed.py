@@ -27,13 +27,14 @@ import platform
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
-STEP = 2048  # mlx-lm's default prefill step, and Vault.warm's (vault.PREFILL_STEP)
+from promptvault.models.load import LoadedModel
+
+STEP = 2048  # mlx-lm's default prefill step, and Vault.warm's on a GPU (write_path.PREFILL_STEP)
 
 RANDOM_SHAPES = {
     # Llama-3.1-8B: 32 layers, 32 query / 8 KV heads of 128, MLP 14,336, vocab 128,256.
@@ -48,17 +49,7 @@ RANDOM_SHAPES = {
 }
 
 
-@dataclass
-class RandomLM:
-    """Stand-in for LoadedModel: a model with random weights and a fingerprint naming its shape."""
-
-    model: object
-    fingerprint: str
-    name: str
-    tokenizer: object = None
-
-
-def random_model(shape: str, dtype=mx.bfloat16, seed: int = 0, layers: int | None = None) -> RandomLM:
+def random_model(shape: str, dtype=mx.bfloat16, seed: int = 0, layers: int | None = None) -> LoadedModel:
     """A randomly initialised mlx-lm model of a known shape (`layers` overrides the depth)."""
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"unknown random model shape {shape!r} (known: {', '.join(RANDOM_SHAPES)})")
@@ -74,7 +65,8 @@ def random_model(shape: str, dtype=mx.bfloat16, seed: int = 0, layers: int | Non
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     name = f"random:{shape}" + (f"-{layers}l" if layers is not None else "")
-    return RandomLM(model, f"{name}/{dtype}/seed{seed}", name)
+    # The weights follow from (shape, dtype, seed): that names them, with no hash of them to compute.
+    return LoadedModel(model, None, None, f"{name}/{dtype}/seed{seed}", name)
 
 
 def load_lm(spec: str):
@@ -125,7 +117,7 @@ def cold_prefill(model, tokens: np.ndarray):
     """Fresh cache with `tokens` prefilled in STEP-token steps; (cache, seconds)."""
     from mlx_lm.models.cache import make_prompt_cache
 
-    from promptvault.vault.vault import _eval_cache
+    from promptvault.vault.caches import evaluate_cache as _eval_cache
 
     _sync()
     t0 = time.perf_counter()
@@ -154,7 +146,7 @@ def bench_prefix(lm, n: int, workdir: Path, *, seed: int = 0, block_size: int | 
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
     from promptvault.vault import Vault
-    from promptvault.vault.vault import _eval_cache
+    from promptvault.vault.caches import evaluate_cache as _eval_cache
 
     rng = np.random.default_rng(seed + n)
     tokens = rng.integers(0, _vocab(lm), size=n + 1, dtype=np.int64)

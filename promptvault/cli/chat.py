@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from promptvault.cli.common import codec_options, make_codec, model_option, open_vault, vault_options
+from promptvault.cli.common import codec_options, model_option, open_vault, vault_options
 from promptvault.cli.progress import Progress
 from promptvault.sources import read_text
 
@@ -33,7 +33,7 @@ def _report(result) -> str:
 @model_option
 @codec_options
 @vault_options
-def chat_cmd(context_files, session, system, max_tokens, temp, top_p, seed, model, quality, key_bits, value_bits,
+def chat_cmd(context_files, session, system, max_tokens, temp, top_p, seed, model, codec,
              vault_path, block_size, ram_cap, disk_cap):
     """Chat with the model; each turn reuses the previous turns from the vault.
 
@@ -48,7 +48,6 @@ def chat_cmd(context_files, session, system, max_tokens, temp, top_p, seed, mode
     from promptvault.chat import Conversation, load_session, save_session, session_path
     from promptvault.models import load_model
 
-    codec = make_codec(key_bits, value_bits, quality)
     context = [read_text(Path(f)) for f in context_files]
     with open_vault(vault_path, block_size, ram_cap, disk_cap, codec) as vault:
         if session is not None:

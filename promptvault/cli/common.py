@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
+from promptvault import DEFAULT_CODEC, CodecSpec, KVCodec, Vault
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
@@ -23,13 +23,20 @@ def default_vault_path() -> Path:
 
 
 class ByteSize(click.ParamType):
-    """A byte count: 1048576, 512K, 300M, 2G (binary units)."""
+    """A byte count: 1048576, 512K, 300M, 2G (binary units); with allow_none also the word
+    `none` (no cap), given back as ByteSize.NONE."""
 
     name = "size"
+    NONE = "none"
+
+    def __init__(self, allow_none: bool = False):
+        self.allow_none = allow_none
 
     def convert(self, value, param, ctx):
         if isinstance(value, int):
             return value
+        if self.allow_none and str(value).strip().lower() == self.NONE:
+            return self.NONE
         match = _SIZE.match(str(value))
         if not match:
             self.fail(f"{value!r} is not a size (examples: 500M, 2G, 1048576)", param, ctx)
@@ -55,11 +62,16 @@ class Bits(click.ParamType):
         return bits
 
 
-def vault_options(fn):
-    """--vault and the settings that shape stored entries and caps."""
+def vault_option(fn):
+    """--vault alone: for verbs that run no model, so no block size, caps or codec apply."""
+    return click.option("--vault", "vault_path", type=click.Path(path_type=Path), default=None,
+                        help="Vault directory [default: $PROMPTVAULT_HOME or ~/.cache/promptvault].")(fn)
 
-    @click.option("--vault", "vault_path", type=click.Path(path_type=Path), default=None,
-                  help="Vault directory [default: $PROMPTVAULT_HOME or ~/.cache/promptvault].")
+
+def vault_options(fn):
+    """--vault and the settings that shape stored entries and caps (verbs that run a model)."""
+
+    @vault_option
     @click.option("--block-size", type=click.IntRange(min=1), default=None,
                   help="Tokens per block; fixed when the vault is created [default: 256].")
     @click.option("--ram-cap", type=ByteSize(), default=None, help="RAM tier cap, e.g. 256M.")
@@ -71,16 +83,33 @@ def vault_options(fn):
     return wrapper
 
 
+class CodecName(click.ParamType):
+    """A codec by name (promptvault.codec.spec grammar): k4c-v3, k4cn8o25x6-v3n8-s1, lossless."""
+
+    name = "codec"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, KVCodec):
+            return value
+        try:
+            return KVCodec.parse(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
 def codec_options(fn):
-    """--quality, or --key-bits / --value-bits, for entries this command writes or reads."""
+    """--quality, --codec, or --key-bits / --value-bits, for entries this command writes or reads:
+    the verb gets one `codec` argument (make_codec), None for the vault's default."""
     from promptvault.cli.quality import HELP, QUALITY
 
     @click.option("--quality", type=click.Choice(list(QUALITY)), default=None, help=HELP)
+    @click.option("--codec", type=CodecName(), default=None,
+                  help=f"Codec by name, e.g. k8c-v4 or lossless [default: {DEFAULT_CODEC}].")
     @click.option("--key-bits", type=Bits(), default=None, help="Bits per key coordinate (1..8 or lossless).")
     @click.option("--value-bits", type=Bits(), default=None, help="Bits per value coordinate (1..8 or lossless).")
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return fn(*args, **kwargs)
+    def wrapper(*args, quality, codec, key_bits, value_bits, **kwargs):
+        return fn(*args, codec=make_codec(key_bits, value_bits, quality, codec), **kwargs)
 
     return wrapper
 
@@ -107,27 +136,29 @@ def json_option(fn):
     return click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")(fn)
 
 
-def make_codec(key_bits, value_bits, quality=None) -> KVCodec | None:
-    """The KVCodec for --quality or --key-bits/--value-bits, or None to use the vault's default.
+def make_codec(key_bits, value_bits, quality=None, codec: KVCodec | None = None) -> KVCodec | None:
+    """The KVCodec for --quality, --codec or --key-bits/--value-bits, or None to use the vault's default.
 
     A given bit width replaces the default's (keeping its centering, 8-bit norms, outlier split
     and lossless sink token); keys are centered whenever they are quantized.
     """
+    given = [name for name, v in (("--quality", quality), ("--codec", codec)) if v is not None]
+    if key_bits is not None or value_bits is not None:
+        given.append("--key-bits/--value-bits")
+    if len(given) > 1:
+        raise click.UsageError(f"give one of {', '.join(given)}, not several")
     if quality is not None:
-        if key_bits is not None or value_bits is not None:
-            raise click.UsageError("give --quality or --key-bits/--value-bits, not both")
         from promptvault.cli.quality import QUALITY
 
         return QUALITY[quality].codec
-    if key_bits is None and value_bits is None:
-        return None
-    from promptvault.vault import DEFAULT_CODEC
+    if codec is not None or (key_bits is None and value_bits is None):
+        return codec
 
     def spec(bits, default: CodecSpec, center: bool) -> CodecSpec:
         if bits is None:
             return default
         if bits == "lossless":
-            return LOSSLESS
+            return CodecSpec(bits=None)
         if default.lossless:
             return CodecSpec(bits=bits, center=center)
         # Keep the default's other options (centering, 8-bit norms); its outlier split only
@@ -140,9 +171,7 @@ def make_codec(key_bits, value_bits, quality=None) -> KVCodec | None:
     return KVCodec(keys=keys, values=values, sinks=0 if keys.lossless and values.lossless else DEFAULT_CODEC.sinks)
 
 
-def open_vault(vault_path, block_size, ram_cap, disk_cap, codec=None):
-    from promptvault.vault import Vault
-
+def open_vault(vault_path, block_size=None, ram_cap=None, disk_cap=None, codec=None) -> Vault:
     kwargs = {"block_size": block_size, "disk_cap": disk_cap, "codec": codec}
     if ram_cap is not None:
         kwargs["ram_cap"] = ram_cap

@@ -15,32 +15,31 @@ This module is the one place that maps the names to codecs: the CLI options, `ru
 
 from dataclasses import dataclass
 
-from promptvault.codec import LOSSLESS, CodecSpec, KVCodec
-from promptvault.vault import DEFAULT_CODEC
+from promptvault import DEFAULT_CODEC, KVCodec
 
 
 @dataclass(frozen=True)
 class Quality:
     name: str
-    setting: str  # the README fidelity-table row that backs it
-    codec: KVCodec
+    setting: str  # the codec's name: the fidelity-table row that backs it
     summary: str  # ratio and KL on SmolLM2, from that row
+
+    @property
+    def codec(self) -> KVCodec:
+        return KVCodec.parse(self.setting)
 
 
 QUALITY = {q.name: q for q in (
-    Quality("exact", "lossless", KVCodec(LOSSLESS, LOSSLESS), "lossless"),
-    Quality("high", "k8c-v4", KVCodec(CodecSpec(bits=8, center=True), CodecSpec(bits=4)), "2.5x, KL 0.0015"),
-    Quality("balanced", "k4cn8o25x6-v3n8-s1", DEFAULT_CODEC, "3.9x, KL 0.0059 (default)"),
-    Quality("small", "k3c-v2", KVCodec(CodecSpec(bits=3, center=True), CodecSpec(bits=2)), "5.7x, KL 0.077"),
+    Quality("exact", "lossless", "lossless"),
+    Quality("high", "k8c-v4", "2.5x, KL 0.0015"),
+    Quality("balanced", str(DEFAULT_CODEC), "3.9x, KL 0.0059 (default)"),
+    Quality("small", "k3c-v2", "5.7x, KL 0.077"),
 )}
 
 HELP = "Codec preset: " + "; ".join(f"{q.name} = {q.summary}" for q in QUALITY.values()) + \
     " (README: Using it, quality presets)."
 
 
-def quality_of(codec_json: dict | None) -> str | None:
-    """The preset name whose codec wrote entries described by `codec_json`, or None (custom bits)."""
-    for q in QUALITY.values():
-        if codec_json == q.codec.to_json():
-            return q.name
-    return None
+def quality_of(codec: str | None) -> str | None:
+    """The preset whose codec is named `codec`, or None (another codec)."""
+    return next((q.name for q in QUALITY.values() if q.setting == codec), None)

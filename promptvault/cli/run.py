@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from promptvault.cli.common import (codec_options, json_option, make_codec, model_option, open_vault, raw_option,
+from promptvault.cli.common import (codec_options, json_option, model_option, open_vault, raw_option,
                                     vault_options)
 from promptvault.errors import PromptvaultError
 from promptvault.sources import Prompt, PromptSourceError, read_sources, read_text
@@ -88,7 +88,7 @@ def run_tokens(tokenizer, source: Prompt, context: list[str], raw: bool, system:
 @vault_options
 @json_option
 def run_cmd(prompt, prompt_file, messages, context_files, system, raw, max_tokens, temp, top_p, seed, save,
-            no_vault, model, quality, key_bits, value_bits, vault_path, block_size, ram_cap, disk_cap, as_json):
+            no_vault, model, codec, vault_path, block_size, ram_cap, disk_cap, as_json):
     """Generate from a prompt, restoring its longest stored prefix instead of prefilling it.
 
     The prompt goes through the model's chat template as a user message (as mlx_lm.generate);
@@ -102,7 +102,6 @@ def run_cmd(prompt, prompt_file, messages, context_files, system, raw, max_token
     from promptvault.generate import run_prompt
     from promptvault.models import load_model
 
-    codec = make_codec(key_bits, value_bits, quality)
     source = _prompt(prompt, prompt_file, messages)
     context = [read_text(Path(f)) for f in context_files]
     lm = load_model(model)

@@ -5,12 +5,11 @@ import time
 
 import click
 
-from promptvault.cli.common import (codec_options, json_option, make_codec, model_option, open_vault, raw_option,
+from promptvault.cli.common import (codec_options, json_option, model_option, open_vault, raw_option,
                                     vault_options)
 from promptvault.cli.progress import Progress
 from promptvault.sources import Prompt, prompt_tokens, read_sources
 from promptvault.tables import format_table
-from promptvault.vault.sizes import fp16_bytes_per_token
 
 
 def _tokens(tokenizer, prompt: Prompt, raw: bool, system: str | None) -> list[int]:
@@ -34,7 +33,7 @@ def _tokens(tokenizer, prompt: Prompt, raw: bool, system: str | None) -> list[in
 @codec_options
 @vault_options
 @json_option
-def warm_cmd(sources, raw, system, join, label, model, quality, key_bits, value_bits, vault_path, block_size,
+def warm_cmd(sources, raw, system, join, label, model, codec, vault_path, block_size,
              ram_cap, disk_cap, as_json):
     """Prefill SOURCES (files, directories, '-', .json, .jsonl) and store their caches.
 
@@ -47,7 +46,6 @@ def warm_cmd(sources, raw, system, join, label, model, quality, key_bits, value_
     from promptvault.models import load_model
     from promptvault.prompting import user_text
 
-    codec = make_codec(key_bits, value_bits, quality)
     prompts = read_sources(list(sources))
     if join:
         if any(p.messages is not None for p in prompts):
@@ -58,7 +56,6 @@ def warm_cmd(sources, raw, system, join, label, model, quality, key_bits, value_
         vault.require_writable("warm prompts")  # before the model loads: fail in a second, not ten
         lm = load_model(model)
         encoded = [(p, _tokens(lm.tokenizer, p, raw, system)) for p in prompts]
-        per_token = fp16_bytes_per_token(vault.namespace(lm).descriptor)
         total, base = sum(len(tokens) for _, tokens in encoded), 0
         # The bar is for people watching a terminal (it moves per prefill step); pipes, logs
         # and --json get only the summary.
@@ -73,7 +70,7 @@ def warm_cmd(sources, raw, system, join, label, model, quality, key_bits, value_
                 rows.append({
                     "source": prompt.source, "tokens": result.tokens, "new_chunks": result.written,
                     "reused_chunks": result.chunks - result.written, "bytes_written": result.bytes_written,
-                    "ratio_vs_fp16": (per_token * new_tokens / result.bytes_written) if result.bytes_written else None,
+                    "ratio_vs_fp16": result.fp16_bytes / result.bytes_written if result.bytes_written else None,
                     "seconds": seconds, "tokens_per_s": new_tokens / seconds if seconds else None,
                     "evicted_chunks": result.evicted,
                 })

@@ -1,5 +1,18 @@
-"""What a stored tensor was coded with: recorded in every shard so any reader can decode it."""
+"""What a stored tensor was coded with: recorded in every shard so any reader can decode it.
 
+One name grammar prints and parses every codec, so the CLI (`--codec`), the benchmarks and
+`promptvault stats` all speak it:
+
+    CodecSpec   <bits>[c][n8][o<percent>x<bits>][r<seed>]   or  lossless  (l inside a KVCodec name)
+                c: centered; n8: 8-bit log norms; o..x..: outlier split; r: rotation seed (0 if absent)
+                e.g. 4cn8o25x6: 4 bits, centered, 8-bit log norms, the loudest 25% of channels at 6 bits
+    KVCodec     k<spec>-v<spec>[-s<sinks>]                   or  lossless  (both lossless, no sinks)
+                e.g. k4cn8o25x6-v3n8-s1 (DEFAULT_CODEC)
+
+`str(x)` gives the name and `type(x).parse(str(x)) == x` for every codec.
+"""
+
+import re
 from dataclasses import dataclass
 
 TURBOQUANT_ID = "turboquant/1"
@@ -84,8 +97,21 @@ class CodecSpec:
     def __str__(self) -> str:
         if self.lossless:
             return "lossless"
-        return (f"tq{self.bits}" + ("c" if self.center else "") + ("n8" if self.norm_bits == 8 else "")
-                + (f"o{round(100 * self.outliers)}x{self.outlier_bits}" if self.outliers else ""))
+        return (f"{self.bits}" + ("c" if self.center else "") + ("n8" if self.norm_bits == 8 else "")
+                + (f"o{_percent(self.outliers)}x{self.outlier_bits}" if self.outliers else "")
+                + (f"r{self.seed}" if self.seed else ""))
+
+    @classmethod
+    def parse(cls, name: str) -> "CodecSpec":
+        """The spec a name of the module docstring's grammar stands for; ValueError otherwise."""
+        if name in ("lossless", "l"):
+            return cls(bits=None)
+        m = _SPEC_NAME.match(name)
+        if not m:
+            raise ValueError(f"{name!r} is not a codec spec (e.g. 4c, 3n8, 4cn8o25x6, lossless)")
+        bits, center, norm8, outliers, outlier_bits, seed = m.groups()
+        return cls(bits=int(bits), center=bool(center), norm_bits=8 if norm8 else 16,
+                   outliers=float(outliers or 0) / 100, outlier_bits=int(outlier_bits or 0), seed=int(seed or 0))
 
     def outlier_channels(self, dim: int) -> int:
         """How many channels of a head dim the outlier split codes apart (0: no split)."""
@@ -95,6 +121,15 @@ class CodecSpec:
         if k >= dim:
             raise ValueError(f"an outlier share of {self.outliers} leaves no channels of head dim {dim}")
         return k
+
+
+_SPEC_NAME = re.compile(r"^(\d+)(c?)(n8)?(?:o(\d+(?:\.\d+)?)x(\d+))?(?:r(\d+))?$")
+_KV_NAME = re.compile(r"^k([^-]+)-v([^-]+)(?:-s(\d+))?$")
+
+
+def _percent(share: float) -> str:
+    """An outlier share as the percent the name carries: 0.25 -> "25", 0.125 -> "12.5"."""
+    return format(round(100 * share, 6), "g")
 
 
 LOSSLESS = CodecSpec(bits=None)
@@ -130,4 +165,23 @@ class KVCodec:
                    sinks=int(data.get("sinks", 0)))
 
     def __str__(self) -> str:
-        return f"K={self.keys} V={self.values}" + (f" sinks={self.sinks}" if self.sinks else "")
+        if self.keys.lossless and self.values.lossless and not self.sinks:
+            return "lossless"
+        part = lambda spec: "l" if spec.lossless else str(spec)  # noqa: E731
+        return f"k{part(self.keys)}-v{part(self.values)}" + (f"-s{self.sinks}" if self.sinks else "")
+
+    @classmethod
+    def parse(cls, name: str) -> "KVCodec":
+        """The codec a name of the module docstring's grammar stands for; ValueError otherwise."""
+        if name == "lossless":
+            return cls(LOSSLESS, LOSSLESS)
+        m = _KV_NAME.match(name)
+        if not m:
+            raise ValueError(f"{name!r} is not a codec name (e.g. k4c-v3, k4cn8o25x6-v3n8-s1, lossless)")
+        return cls(CodecSpec.parse(m.group(1)), CodecSpec.parse(m.group(2)), sinks=int(m.group(3) or 0))
+
+
+# Chosen by `promptvault bench fidelity` on SmolLM2-135M and Gemma-3-270M (docs: choosing bits):
+# centered 4-bit keys whose loudest quarter of channels per head get 6 bits (outlier split),
+# 3-bit values, 8-bit log norms, the first prompt token (attention sink) lossless.
+DEFAULT_CODEC = KVCodec.parse("k4cn8o25x6-v3n8-s1")

@@ -8,5 +8,6 @@
 
 from promptvault.models.default import gemma_gguf_path, smollm_gguf_path
 from promptvault.models.load import BUILTIN_MODELS, LoadedModel, load_model
+from promptvault.models.wrap import from_mlx_lm
 
-__all__ = ["BUILTIN_MODELS", "LoadedModel", "gemma_gguf_path", "load_model", "smollm_gguf_path"]
+__all__ = ["BUILTIN_MODELS", "LoadedModel", "from_mlx_lm", "gemma_gguf_path", "load_model", "smollm_gguf_path"]

@@ -43,7 +43,7 @@ class LoadedModel:
 
     model: Any
     tokenizer: Any
-    path: Path
+    path: Path | None  # its directory (None: wrapped from objects alone, models/wrap.py)
     fingerprint: str
     name: str
 

@@ -15,6 +15,7 @@ add ".c<j>" ("l03.c1.s0.v.data"), ArraysCache state entries are "l03.a<i>".
 from dataclasses import dataclass
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import (
     ArraysCache,
     CacheList,
@@ -30,7 +31,7 @@ from promptvault.vault import caches_arrays, caches_kv, caches_quantized, caches
 from promptvault.vault.caches_rows import RestoreError
 
 __all__ = ["BlockPayload", "layer_layout", "block_ends_only", "position", "encode_block", "encode_blocks",
-           "prefill_step", "restore_cache",
+           "prefill_step", "restore_cache", "evaluate_cache",
            "RestoreError", "UnsupportedCacheError", "FORMAT"]
 
 FORMAT = "promptvault.caches/1"
@@ -134,6 +135,11 @@ def position(cache: list) -> int | None:
     if len(offsets) > 1:
         raise RestoreError(f"the cache's layers are at different positions {sorted(offsets)}")
     return offsets.pop() if offsets else None
+
+
+def evaluate_cache(cache: list) -> None:
+    """Evaluate every array the cache's layers hold (after a prefill or a restore)."""
+    mx.eval([v for c in cache for _, v in tree_flatten(c.state) if isinstance(v, mx.array)])
 
 
 def _flat(cache: list):

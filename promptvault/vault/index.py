@@ -302,3 +302,11 @@ def _read_only_connection(path: Path) -> sqlite3.Connection:
             if "immutable" in flags:
                 raise
     raise AssertionError("unreachable")
+
+
+def corrupt(error: sqlite3.DatabaseError) -> bool:
+    """SQLite says the file is damaged or not a database (not merely busy, full or read-only)."""
+    name = getattr(error, "sqlite_errorname", None)
+    if name is not None:
+        return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+    return any(s in str(error) for s in ("malformed", "not a database"))

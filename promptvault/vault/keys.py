@@ -45,11 +45,20 @@ def chunk_key(parent: str | None, namespace_digest: bytes, tokens: Sequence[int]
     return h.hexdigest()
 
 
-def block_keys(namespace_digest: bytes, tokens: Sequence[int], block_size: int) -> list[str]:
-    """Keys of every full block of `tokens`, in order (a partial tail gets none)."""
+def block_spans(n_tokens: int, block_size: int, *, tail: bool = False) -> list[tuple[int, int]]:
+    """[start, end) of every full block of a prompt of `n_tokens`, and with `tail` of the shorter
+    rest (the leaf) when there is one."""
+    last = n_tokens if tail else n_tokens - n_tokens % block_size
+    return [(s, min(s + block_size, n_tokens)) for s in range(0, last, block_size)]
+
+
+def block_keys(namespace_digest: bytes, tokens: Sequence[int], block_size: int, *, tail: bool = False) -> list[str]:
+    """Chained keys of every full block of `tokens`, in order, and with `tail` the leaf's key of a
+    shorter rest (without it a partial tail gets none)."""
     keys: list[str] = []
     parent = None
-    for start in range(0, len(tokens) - block_size + 1, block_size):
-        parent = chunk_key(parent, namespace_digest, tokens[start : start + block_size])
+    for start, end in block_spans(len(tokens), block_size, tail=tail):
+        parent = chunk_key(parent, namespace_digest, tokens[start:end])
         keys.append(parent)
     return keys
+

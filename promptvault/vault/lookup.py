@@ -37,6 +37,7 @@ import numpy as np
 
 from promptvault.vault.caches import block_ends_only
 from promptvault.vault.index import Index, head_of
+from promptvault.tokens import common_prefix
 from promptvault.vault.keys import ROOT, block_keys, bytes_to_tokens, tokens_to_bytes
 from promptvault.vault.namespace import Namespace
 
@@ -47,13 +48,6 @@ MAX_CANDIDATES = 32  # siblings compared at most when many share the prompt's ne
 class Plan:
     reuse: int  # tokens restorable (0: miss)
     chunks: list[dict]  # index rows, in token order, covering [0, >= reuse)
-
-
-def common_prefix(a, b) -> int:
-    """How many leading tokens two token sequences (lists or arrays) share."""
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
 
 
 def exact_only(ns: Namespace) -> bool:
