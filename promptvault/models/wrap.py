@@ -20,19 +20,32 @@ from promptvault.models.load import LoadedModel
 
 
 def from_mlx_lm(model, tokenizer, path=None, name: str | None = None) -> LoadedModel:
-    """Wrap what `mlx_lm.load(path)` returned. `path`: the model's local directory (fingerprint
-    from its files, fast), or None (fingerprint from the weights and tokenizer)."""
+    """Wrap what `mlx_lm.load(path)` returned. `path`: what was given to mlx_lm.load (a local
+    directory, or a Hugging Face id already downloaded): the fingerprint comes from its files,
+    fast; None: from the weights and tokenizer."""
     dtype = weights_dtype(model)
     if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_dir():
-            from promptvault.errors import ModelLoadError
-
-            raise ModelLoadError(f"{path} is not a model directory (give the directory mlx_lm.load read, or None)")
+        path = _local_dir(path)
         fingerprint = fingerprint_dir(path, dtype)
     else:
         fingerprint = weights_fingerprint(model, tokenizer, dtype)
     return LoadedModel(model, tokenizer, path, fingerprint, name or (path.name if path else type(model).__module__))
+
+
+def _local_dir(path) -> Path:
+    """The directory mlx_lm.load read: `path` itself, or the local copy of a Hugging Face id."""
+    from promptvault.errors import ModelLoadError
+
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception:  # noqa: BLE001 - not an id, or not downloaded: one line either way
+        raise ModelLoadError(f"{path} is neither a model directory nor a downloaded Hugging Face model "
+                             "(give what mlx_lm.load was given, or path=None)") from None
 
 
 def weights_dtype(model) -> str:
