@@ -7,6 +7,7 @@ Restore copies, for every token range a cache needs, the matching rows of every 
 one preallocated buffer: each buffer is sized once, no concatenation chains.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import mlx.core as mx
@@ -18,6 +19,29 @@ from promptvault.errors import PromptvaultError
 
 class RestoreError(PromptvaultError, ValueError):
     """The payloads cannot rebuild the requested cache (missing rows, wrong position, bad meta)."""
+
+
+@dataclass
+class Rows:
+    """What one KV-like layer holds of a block: `keys`/`values` (..., rows, d) and, per held
+    token range (a, b), the row where token a is (`ranges`); `info` is the JSON-able part
+    (ranges and ring position) that layers must share to be coded as one group."""
+    keys: mx.array
+    values: mx.array
+    ranges: list[tuple[int, int, int]]
+    info: dict
+
+
+def encode_group(rows: list[Rows], kv: KVCodec, prefix: str, out: dict) -> list[dict]:
+    """Code alike layers' rows stacked on a new leading axis: one tensor per segment and role
+    for the whole group. Returns the group's segments."""
+    segments: list[dict] = []
+    for a, b, row in rows[0].ranges:
+        sl = slice(row, row + b - a)
+        keys = mx.stack([r.keys[..., sl, :] for r in rows])
+        values = mx.stack([r.values[..., sl, :] for r in rows])
+        segments += encode_segments(keys, values, (a, b), kv, prefix, len(segments), out)
+    return segments
 
 
 def sub_arrays(arrays: dict, prefix: str) -> dict:
@@ -100,6 +124,7 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
         buffers = _fill_rows_fused(plan, n_rows)
         if buffers is not None:
             return buffers
+        return _fill_rows_batched(plan, n_rows, layer)
     buffers = None
     for seg, arrays, prefix, i0, i1, row in plan:
         try:
@@ -109,14 +134,69 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
         if buffers is None:
             buffers = [mx.zeros((*p.shape[:-2], n_rows, p.shape[-1]), p.dtype) for p in parts]
         for buf, p in zip(buffers, parts):
-            if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
-                raise RestoreError(
-                    f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
-                    f"earlier blocks ({buf.shape} {buf.dtype})"
-                )
+            _check_rows(layer, p, buf)
             buf[..., row : row + i1 - i0, :] = p
         mx.eval(buffers)
     return tuple(buffers)
+
+
+def _check_rows(layer: str, p: mx.array, buf: mx.array) -> None:
+    if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
+        raise RestoreError(
+            f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
+            f"earlier blocks ({buf.shape} {buf.dtype})"
+        )
+
+
+def _fill_rows_batched(plan: list, n_rows: int, layer: str) -> tuple[mx.array, mx.array]:
+    """K and V buffers with the codec's own decode (CPU, or kernels off): segments that are alike
+    (one spec, shape and array dtypes: every full block of a prompt) are stacked on a new leading
+    axis and decoded by one `decode` call, so a restore costs a few decode calls per role instead
+    of one per block. The decode is per-vector math in a fixed order, so a block decodes to the
+    same bits whatever it is stacked with. Batches are capped (see below) to bound the float32
+    intermediates beside the buffers."""
+    buffers = []
+    for part in ("k", "v"):
+        batches: dict[tuple, list] = {}
+        for seg, arrays, prefix, i0, i1, row in plan:
+            try:
+                enc = Encoded.from_parts(seg[part], sub_arrays(arrays, f"{prefix}.{part}"))
+            except (KeyError, ValueError) as err:
+                raise RestoreError(f"layer {layer}: segment {prefix} does not decode: {err}") from err
+            if not 0 <= i0 < i1 <= enc.tokens:
+                raise RestoreError(f"layer {layer}: segment {prefix} does not decode: it holds {enc.tokens} "
+                                   f"rows, not rows [{i0}, {i1})")
+            like = (enc.spec, enc.shape, enc.dtype, tuple((n, a.dtype, a.shape) for n, a in sorted(enc.arrays.items())))
+            batches.setdefault(like, []).append((enc, i0, i1, row))
+        buf = None
+        for items in batches.values():
+            first = items[0][0]
+            if buf is None:
+                buf = mx.zeros((*first.shape[:-2], n_rows, first.shape[-1]), first.dtype)
+            # Lossless segments are their data: no stacking copy. Coded ones are batched up to a
+            # 16th of the buffer, so the decode's float32 intermediates stay a fraction of it.
+            per = 1 if first.spec.lossless else max(1, min(_BATCH_ELEMENTS, buf.size // 16) // int(np.prod(first.shape)))
+            for k in range(0, len(items), per):
+                chunk = items[k : k + per]
+                try:
+                    if len(chunk) == 1:
+                        decoded = [decode(chunk[0][0])]
+                    else:
+                        stacked = {n: mx.stack([e.arrays[n] for e, _, _, _ in chunk]) for n in first.arrays}
+                        decoded = decode(Encoded(first.spec, (len(chunk), *first.shape), first.dtype, stacked))
+                except ValueError as err:
+                    raise RestoreError(f"layer {layer}: segments do not decode: {err}") from err
+                for j, (enc, i0, i1, row) in enumerate(chunk):
+                    p = decoded[j]
+                    _check_rows(layer, p, buf)
+                    buf[..., row : row + i1 - i0, :] = p[..., i0:i1, :]
+                mx.eval(buf)
+        buffers.append(buf)
+    return tuple(buffers)
+
+
+# Decoded values per batched decode call (float32 intermediates of a few times this many bytes).
+_BATCH_ELEMENTS = 1 << 24
 
 
 def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
