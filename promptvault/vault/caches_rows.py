@@ -124,7 +124,7 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
         buffers = _fill_rows_fused(plan, n_rows)
         if buffers is not None:
             return buffers
-        return _fill_rows_batched(plan, n_rows, layer)
+        return _fill_rows_tiled(plan, n_rows, layer)
     buffers = None
     for seg, arrays, prefix, i0, i1, row in plan:
         try:
@@ -148,55 +148,46 @@ def _check_rows(layer: str, p: mx.array, buf: mx.array) -> None:
         )
 
 
-def _fill_rows_batched(plan: list, n_rows: int, layer: str) -> tuple[mx.array, mx.array]:
-    """K and V buffers with the codec's own decode (CPU, or kernels off): segments that are alike
-    (one spec, shape and array dtypes: every full block of a prompt) are stacked on a new leading
-    axis and decoded by one `decode` call, so a restore costs a few decode calls per role instead
-    of one per block. The decode is per-vector math in a fixed order, so a block decodes to the
-    same bits whatever it is stacked with. Batches are capped (see below) to bound the float32
-    intermediates beside the buffers."""
+def _fill_rows_tiled(plan: list, n_rows: int, layer: str) -> tuple[mx.array, mx.array]:
+    """K and V buffers with the codec's own decode (CPU, or kernels off), tile by tile: each
+    segment's vectors (all layers of a group, flattened with the heads) are decoded in tiles of
+    about _TILE values, each evaluated straight into the buffer. On a CPU the decode is a chain
+    of elementwise MLX ops, fastest while a tile's float32 intermediates stay in the core's cache
+    (a whole group at once is several times slower), and the intermediates beside the buffers
+    stay small. The decode is per-vector math in a fixed order: a vector decodes to the same bits
+    in any tile."""
     buffers = []
     for part in ("k", "v"):
-        batches: dict[tuple, list] = {}
+        buf, lead = None, None
         for seg, arrays, prefix, i0, i1, row in plan:
             try:
                 enc = Encoded.from_parts(seg[part], sub_arrays(arrays, f"{prefix}.{part}"))
+                enc = enc.slice_tokens(i0, i1)
             except (KeyError, ValueError) as err:
                 raise RestoreError(f"layer {layer}: segment {prefix} does not decode: {err}") from err
-            if not 0 <= i0 < i1 <= enc.tokens:
-                raise RestoreError(f"layer {layer}: segment {prefix} does not decode: it holds {enc.tokens} "
-                                   f"rows, not rows [{i0}, {i1})")
-            like = (enc.spec, enc.shape, enc.dtype, tuple((n, a.dtype, a.shape) for n, a in sorted(enc.arrays.items())))
-            batches.setdefault(like, []).append((enc, i0, i1, row))
-        buf = None
-        for items in batches.values():
-            first = items[0][0]
             if buf is None:
-                buf = mx.zeros((*first.shape[:-2], n_rows, first.shape[-1]), first.dtype)
-            # Lossless segments are their data: no stacking copy. Coded ones are batched up to a
-            # 16th of the buffer, so the decode's float32 intermediates stay a fraction of it.
-            per = 1 if first.spec.lossless else max(1, min(_BATCH_ELEMENTS, buf.size // 16) // int(np.prod(first.shape)))
-            for k in range(0, len(items), per):
-                chunk = items[k : k + per]
+                lead = enc.shape[:-2]
+                buf = mx.zeros((int(np.prod(lead)), n_rows, enc.shape[-1]), enc.dtype)
+            if enc.shape[:-2] != lead or enc.shape[-1] != buf.shape[-1] or enc.dtype != buf.dtype:
+                raise RestoreError(f"layer {layer}: block rows of shape {enc.shape} {enc.dtype} do not match "
+                                   f"earlier blocks ({(*lead, n_rows, buf.shape[-1])} {buf.dtype})")
+            n_vec, (t, d) = buf.shape[0], enc.shape[-2:]
+            flat = {name: a.reshape(n_vec, *a.shape[-2:]) for name, a in enc.arrays.items()}
+            step = n_vec if enc.spec.lossless else max(1, _TILE // (t * d))
+            for r in range(0, n_vec, step):
+                s = min(step, n_vec - r)
+                tile = Encoded(enc.spec, (s, t, d), enc.dtype, {n: a[r : r + s] for n, a in flat.items()})
                 try:
-                    if len(chunk) == 1:
-                        decoded = [decode(chunk[0][0])]
-                    else:
-                        stacked = {n: mx.stack([e.arrays[n] for e, _, _, _ in chunk]) for n in first.arrays}
-                        decoded = decode(Encoded(first.spec, (len(chunk), *first.shape), first.dtype, stacked))
+                    buf[r : r + s, row : row + t, :] = decode(tile)
                 except ValueError as err:
-                    raise RestoreError(f"layer {layer}: segments do not decode: {err}") from err
-                for j, (enc, i0, i1, row) in enumerate(chunk):
-                    p = decoded[j]
-                    _check_rows(layer, p, buf)
-                    buf[..., row : row + i1 - i0, :] = p[..., i0:i1, :]
+                    raise RestoreError(f"layer {layer}: segment {prefix} does not decode: {err}") from err
                 mx.eval(buf)
-        buffers.append(buf)
+        buffers.append(buf.reshape(*lead, n_rows, buf.shape[-1]))
     return tuple(buffers)
 
 
-# Decoded values per batched decode call (float32 intermediates of a few times this many bytes).
-_BATCH_ELEMENTS = 1 << 24
+# Values per decode call on the CPU path: a tile's float32 intermediates (~128 KiB) stay in cache.
+_TILE = 1 << 15
 
 
 def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
