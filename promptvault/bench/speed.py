@@ -226,7 +226,7 @@ def bench_prefix(lm, n: int, workdir: Path, *, seed: int = 0, block_size: int | 
             del r
         times.sort()
         row["restore_ram_s"], _, row["restore_ram_decode_s"] = times[1]
-    shard_files = sorted(p for p in _files(vdir) if p.suffix not in (".json",) and "index" not in p.name)
+    shard_files = sorted((vdir / "shards").rglob("*.safetensors"))  # the chunk files only (not the ledger)
     row["shard_bytes_on_disk"] = sum(p.stat().st_size for p in shard_files)
     row["shard_files"] = len(shard_files)
     dropped = drop_page_cache(shard_files) and dropped
