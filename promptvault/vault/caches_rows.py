@@ -33,15 +33,40 @@ class Rows:
 
 
 def encode_group(rows: list[Rows], kv: KVCodec, prefix: str, out: dict) -> list[dict]:
-    """Code alike layers' rows stacked on a new leading axis: one tensor per segment and role
-    for the whole group. Returns the group's segments."""
+    """Code alike layers' rows as one stack (a new leading axis): one tensor per segment and
+    role for the whole group. Returns the group's segments (split at the sinks as
+    encode_segments does)."""
     segments: list[dict] = []
     for a, b, row in rows[0].ranges:
-        sl = slice(row, row + b - a)
-        keys = mx.stack([r.keys[..., sl, :] for r in rows])
-        values = mx.stack([r.values[..., sl, :] for r in rows])
-        segments += encode_segments(keys, values, (a, b), kv, prefix, len(segments), out)
+        for s, e, codec in _sink_split(a, b, kv):
+            sl = slice(row + s - a, row + e - a)
+            ek = _encode_stack([r.keys[..., sl, :] for r in rows], codec.keys)
+            ev = _encode_stack([r.values[..., sl, :] for r in rows], codec.values)
+            name = f"{prefix}.s{len(segments)}"
+            put_arrays(out, name + ".k", ek.arrays)
+            put_arrays(out, name + ".v", ev.arrays)
+            segments.append({"tokens": [s, e], "k": ek.meta(), "v": ev.meta()})
     return segments
+
+
+def _encode_stack(parts: list[mx.array], spec) -> Encoded:
+    """`encode` of the parts stacked on a new leading axis. With the fused kernels (GPU) that is
+    one launch over the stack; on the CPU path each part is encoded on its own and the coded
+    arrays stacked (a whole stack at once is several times slower there: its float32
+    intermediates leave the cache). The codec's math is per vector and per head, so both give
+    the same arrays."""
+    if spec.lossless or fused.backend() != "reference":
+        return encode(mx.stack(parts), spec)
+    encs = [encode(p, spec) for p in parts]
+    arrays = {name: mx.stack([e.arrays[name] for e in encs]) for name in encs[0].arrays}
+    return Encoded(spec, (len(parts), *encs[0].shape), encs[0].dtype, arrays)
+
+
+def _sink_split(a: int, b: int, kv: KVCodec) -> list[tuple[int, int, KVCodec]]:
+    """Tokens [a, b) as (start, end, codec) runs: the part within the lossless sinks (tokens
+    [0, kv.sinks)) losslessly, the rest with `kv`."""
+    cut = min(max(kv.sinks, a), b)
+    return ([(a, cut, KVCodec(LOSSLESS, LOSSLESS))] if cut > a else []) + ([(cut, b, kv)] if cut < b else [])
 
 
 def sub_arrays(arrays: dict, prefix: str) -> dict:
@@ -76,8 +101,7 @@ def encode_segments(keys: mx.array, values: mx.array, tokens: tuple[int, int], k
     [0, kv.sinks)): the sink rows losslessly, the rest with `kv`. Every segment records its own
     codec, so readers need nothing new to decode them."""
     a, b = tokens
-    cut = min(max(kv.sinks, a), b)
-    parts = ([(a, cut, KVCodec(LOSSLESS, LOSSLESS))] if cut > a else []) + ([(cut, b, kv)] if cut < b else [])
+    parts = _sink_split(a, b, kv)
     return [
         encode_segment(keys[..., s - a : e - a, :], values[..., s - a : e - a, :], (s, e), codec,
                        f"{prefix}.s{first + j}", out)
