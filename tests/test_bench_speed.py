@@ -24,13 +24,19 @@ def test_speed_bench_rows_are_measured_and_consistent(tmp_path):
     assert row["vs_mlxlm_file"] == row["mlxlm_bytes"] / row["shard_bytes_on_disk"]
     assert abs(row["warm_overhead"] - (row["warm_s"] / row["cold_prefill_s"] - 1)) < 1e-9
     assert result["env"]["fused_kernels"] == "reference"  # CPU
-    table = format_table(result)
-    assert "| 96 |" in table and "page cache" in table
+    # the read limit: the same files read plainly, cold and cached, and the ratios against it
+    assert row["read_limit_s"] > 0 and row["read_limit_cached_s"] > 0
+    assert row["restore_disk_over_read_limit"] == row["restore_disk_s"] / row["read_limit_s"]
+    # the profile: every shard file read once, a handful of tensors each (layer groups: not 30 layers' worth)
+    assert row["restore_disk_files"] == row["shard_files"] and row["restore_disk_bytes_read"] == row["shard_bytes_on_disk"]
+    assert 0 < row["restore_disk_tensors"] <= 20 * row["restore_disk_files"]
+    table = format_table(result, profile=True)
+    assert "| 96 |" in table and "page cache" in table and "read limit" in table and "checksums" in table
 
 
 def test_speed_cli_json(tmp_path):
     out = CliRunner().invoke(main, ["bench", "speed", "--model", "smollm2", "--lengths", "40", "--json",
-                                    "--workdir", str(tmp_path)])
+                                    "--profile", "--workdir", str(tmp_path)])
     assert out.exit_code == 0, out.output
     data = json.loads(out.output)
     assert [r["tokens"] for r in data["rows"]] == [40]

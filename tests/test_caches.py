@@ -26,6 +26,7 @@ from promptvault.vault.caches import (
     UnsupportedCacheError,
     encode_block,
     layer_layout,
+    layer_segments,
     restore_cache,
 )
 
@@ -172,8 +173,8 @@ def test_single_token_blocks_through_rotated_rings(tiny_gemma):
     payloads = warm_blocks(model, cache, tokens[:4], 4, LOSSLESS_KV)
     payloads += warm_blocks(model, cache, tokens[4:44], 1, LOSSLESS_KV, at=4)
     for i, p in enumerate(payloads[1:]):
-        for layer in p.meta["layers"]:
-            assert [tuple(seg["tokens"]) for seg in layer["segments"]] == [(4 + i, 5 + i)]
+        for layer in range(len(p.meta["layers"])):
+            assert [tuple(seg["tokens"]) for seg in layer_segments(p.meta, layer)] == [(4 + i, 5 + i)]
     assert cache[0]._idx == 44 - 32 and cache[0].offset == 44  # rotated in place
     for n in (10, 32, 33, 44):
         natural = prefill(model, make_prompt_cache(model), tokens[:n])
@@ -192,7 +193,7 @@ def test_ring_rows_lost_before_capture_are_refused(tiny_gemma):
     mx.eval(generate_one)
     tokens = tokens + [tokens[0]]
     payloads = [encode_block(cache, s, min(s + 16, 81), LOSSLESS_KV) for s in range(0, 81, 16)]
-    ring_tokens = [seg["tokens"] for p in payloads for seg in p.meta["layers"][0]["segments"]]
+    ring_tokens = [seg["tokens"] for p in payloads for seg in layer_segments(p.meta, 0)]
     assert ring_tokens == [[49, 64], [64, 80], [80, 81]]
     assert [p.complete for p in payloads] == [False, False, False, False, True, True]
     restored = restore_cache(model, payloads, 81)
@@ -316,8 +317,8 @@ def test_payloads_must_chain_and_cover(tiny_llama):
     with pytest.raises(RestoreError, match="cache layers"):
         restore_cache(make_prompt_cache_model_with_layers(3), payloads, 20)
     bad = copy.deepcopy(payloads[0].meta)
-    bad["layers"][1]["segments"][0]["tokens"] = [0, 20]  # meta claiming rows the arrays lack
-    with pytest.raises(RestoreError, match="l01.s0 does not decode"):
+    bad["groups"][0]["segments"][0]["tokens"] = [0, 20]  # meta claiming rows the arrays lack
+    with pytest.raises(RestoreError, match="g0.s0 does not decode"):
         restore_cache(model, [BlockPayload(payloads[0].arrays, bad)] + payloads[1:], 20)
 
 

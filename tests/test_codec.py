@@ -300,7 +300,7 @@ def _kv_cache(tokens, dim=64, heads=2, seed=0):
 
 @pytest.mark.parametrize("sinks,block", [(3, 8), (8, 8), (12, 8)])
 def test_sink_rows_are_stored_losslessly_once_per_prompt(sinks, block):
-    from promptvault.vault.caches import encode_block, restore_cache
+    from promptvault.vault.caches import encode_block, layer_segments, restore_cache
 
     cache, k, v = _kv_cache(24)
     kv = KVCodec(CodecSpec(bits=2, center=True), CodecSpec(bits=2), sinks=sinks)
@@ -314,7 +314,7 @@ def test_sink_rows_are_stored_losslessly_once_per_prompt(sinks, block):
     assert rel_mse(k[..., sinks:, :], rk[..., sinks:, :]) < 0.2
     # Segments: lossless ones hold exactly the sink tokens, each block still covers its tokens.
     for p in payloads:
-        segs = p.meta["layers"][0]["segments"]
+        segs = layer_segments(p.meta, 0)
         assert segs[0]["tokens"][0] == p.start and segs[-1]["tokens"][1] == p.end
         for seg in segs:
             lossless = seg["k"]["spec"]["codec"] == "lossless/1"

@@ -10,6 +10,11 @@ Per prefix of P tokens (random token ids: speed does not depend on the text):
   - restore of the P-token prefix from the RAM tier and from disk (a fresh Vault with the RAM tier
     off; the shards' page cache is dropped with posix_fadvise(DONTNEED) first, where the OS
     allows), split into read / decode+assembly;
+  - the read limit: a plain sequential read of the same shard files (one thread, one reused
+    buffer), with the page cache dropped and from the page cache, measured in the same run just
+    before the disk restores; ratios restore / read limit for both;
+  - where the disk restore's time goes (`--profile`): lookup, file reads, checksums, MLX arrays
+    (the upload, on a GPU), decode + assembly; files and tensors read;
   - mlx-lm's own `save_prompt_cache` / `load_prompt_cache` of the same cache (page cache dropped
     the same way): bytes and times;
   - bytes on disk (vault shards) vs the raw fp16 K/V and vs mlx-lm's file; ratios
@@ -113,6 +118,19 @@ def _files(root: Path) -> list[Path]:
     return [p for p in Path(root).rglob("*") if p.is_file()]
 
 
+def read_limit(paths: list[Path]) -> float:
+    """Seconds to read every file in `paths` once, in order, with plain `readinto` calls into one
+    reused buffer: what the bytes alone cost, for comparison with a restore of the same files."""
+    size = max((p.stat().st_size for p in paths), default=0)
+    buf = memoryview(bytearray(size))
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
 def cold_prefill(model, tokens: np.ndarray):
     """Fresh cache with `tokens` prefilled in STEP-token steps; (cache, seconds)."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -200,8 +218,12 @@ def bench_prefix(lm, n: int, workdir: Path, *, seed: int = 0, block_size: int | 
             del r
         times.sort()
         row["restore_ram_s"], _, row["restore_ram_decode_s"] = times[1]
-    shard_files = [p for p in _files(vdir) if p.suffix not in (".json",) and "index" not in p.name]
+    shard_files = sorted((vdir / "shards").rglob("*.safetensors"))  # the chunk files only (not the ledger)
     row["shard_bytes_on_disk"] = sum(p.stat().st_size for p in shard_files)
+    row["shard_files"] = len(shard_files)
+    dropped = drop_page_cache(shard_files) and dropped
+    row["read_limit_s"] = read_limit(shard_files)
+    row["read_limit_cached_s"] = read_limit(shard_files)
     with Vault(vdir, ram_cap=0) as vault:
         dropped = drop_page_cache(_files(vdir)) and dropped
         _sync()
@@ -211,6 +233,8 @@ def bench_prefix(lm, n: int, workdir: Path, *, seed: int = 0, block_size: int | 
             raise RuntimeError(f"disk restore gave {r.tokens_reused} tokens from {r.tier!r}, expected {n} from 'disk'")
         row["restore_disk_s"], row["restore_disk_read_s"], row["restore_disk_decode_s"] = r.seconds, r.read_s, r.decode_s
         row["restore_disk_lookup_s"] = r.lookup_s
+        for key in ("file_read_s", "checksum_s", "arrays_s", "files", "tensors", "bytes_read"):
+            row[f"restore_disk_{key}"] = getattr(r, key)
         del r
         r = vault.restore(lm, tokens)
         _sync()
@@ -224,6 +248,8 @@ def bench_prefix(lm, n: int, workdir: Path, *, seed: int = 0, block_size: int | 
     row["restore_disk_over_mlxlm_load"] = row["restore_disk_s"] / row["mlxlm_load_s"]
     row["cold_over_restore_disk"] = row["cold_prefill_s"] / row["restore_disk_s"]
     row["cold_over_restore_ram"] = row["cold_prefill_s"] / row["restore_ram_s"]
+    row["restore_disk_over_read_limit"] = row["restore_disk_s"] / row["read_limit_s"]
+    row["restore_cached_over_read_limit"] = row["restore_disk_cached_s"] / row["read_limit_cached_s"]
     return row
 
 
@@ -275,10 +301,23 @@ def _warm_up(lm, workdir: Path) -> None:
 COLUMNS = [
     ("tokens", "tokens"), ("cold_prefill_s", "cold s"), ("warm_s", "warm s"), ("warm_overhead", "warm +%"),
     ("restore_ram_s", "RAM restore s"), ("restore_disk_s", "disk restore s"), ("restore_disk_read_s", "  read"),
-    ("restore_disk_decode_s", "  decode"), ("mlxlm_load_s", "mlx-lm load s"), ("mlxlm_save_s", "mlx-lm save s"),
+    ("restore_disk_decode_s", "  decode"), ("read_limit_s", "read limit s"),
+    ("restore_disk_over_read_limit", "restore/read limit"), ("restore_disk_cached_s", "cached restore s"),
+    ("read_limit_cached_s", "cached read limit s"), ("restore_cached_over_read_limit", "cached restore/read limit"),
+    ("mlxlm_load_s", "mlx-lm load s"), ("mlxlm_save_s", "mlx-lm save s"),
     ("shard_bytes_on_disk", "vault MB"), ("mlxlm_bytes", "mlx-lm MB"), ("vs_fp16", "x vs fp16"),
     ("vs_mlxlm_file", "x vs mlx-lm"), ("restore_disk_over_mlxlm_load", "restore/load"),
-    ("cold_over_restore_disk", "cold/restore"),
+    ("cold_over_restore_disk", "cold/restore"), ("cold_over_restore_ram", "cold/RAM restore"),
+]
+
+# --profile: where the disk restore (page cache dropped) went. File reads and checksums run on
+# several threads, so they are sums over files and may add up to more than the read wall time.
+PROFILE = [
+    ("tokens", "tokens"), ("restore_disk_s", "disk restore s"), ("restore_disk_lookup_s", "lookup"),
+    ("restore_disk_read_s", "read (wall)"), ("restore_disk_file_read_s", "  file reads (sum)"),
+    ("restore_disk_checksum_s", "  checksums (sum)"), ("restore_disk_arrays_s", "  arrays/upload"),
+    ("restore_disk_decode_s", "decode + assembly"), ("restore_disk_files", "files"),
+    ("restore_disk_tensors", "tensors"), ("read_limit_s", "read limit s"),
 ]
 
 
@@ -291,18 +330,28 @@ def _fmt(key, v):
         return f"{100 * v:+.0f}%"
     if key == "tokens":
         return f"{v:,}"
+    if key in ("restore_disk_files", "restore_disk_tensors"):
+        return f"{v:,}"
     if key.endswith("_s"):
         return f"{v * 1e3:,.1f} ms" if v < 1 else f"{v:,.2f} s"
     return f"{v:.2f}"
 
 
-def format_table(result: dict) -> str:
+def _table(result: dict, columns: list) -> list[str]:
+    lines = ["| " + " | ".join(h.strip() for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    for row in result["rows"]:
+        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in columns) + " |")
+    return lines
+
+
+def format_table(result: dict, profile: bool = False) -> str:
     env = result["env"]
     head = (f"model {result['model']} | {env['device']} | {env['processor']} ({env['cpus']} cpus) | "
             f"mlx {env['mlx']}, mlx-lm {env['mlx_lm']} | fused kernels: {env['fused_kernels']} | {env['date']}")
-    lines = [head, "| " + " | ".join(h.strip() for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in result["rows"]:
-        lines.append("| " + " | ".join(_fmt(k, row.get(k)) for k, _ in COLUMNS) + " |")
+    lines = [head, *_table(result, COLUMNS)]
+    if profile:
+        lines += ["", "where the disk restore's time went (file reads and checksums: sums over the reading threads)",
+                  *_table(result, PROFILE)]
     dropped = all(r["page_cache_dropped"] for r in result["rows"])
     lines.append("page cache before disk reads: " + ("dropped (posix_fadvise DONTNEED)" if dropped else
                                                       "NOT dropped (the OS refused): disk figures may be cached"))

@@ -41,7 +41,8 @@ def codec_cmd(bits_list, dims, tokens, seed, model, real, as_json):
 @click.option("--seed", default=0, show_default=True)
 @click.option("--workdir", default=None, help="Directory for the temporary vault and mlx-lm files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def speed_cmd(model, lengths, seed, workdir, as_json):
+@click.option("--profile", is_flag=True, help="Also print where the disk restore's time goes.")
+def speed_cmd(model, lengths, seed, workdir, as_json, profile):
     """Cold prefill vs warm vs restore (RAM, disk) vs mlx-lm's save/load_prompt_cache."""
     import mlx.core as mx
 
@@ -56,7 +57,7 @@ def speed_cmd(model, lengths, seed, workdir, as_json):
     if any(n < 1 for n in lens):
         raise click.BadParameter("prefix lengths must be positive")
     result = run_speed_bench(model, lens, seed=seed, workdir=workdir)
-    click.echo(json.dumps(result, indent=1) if as_json else speed_table(result))
+    click.echo(json.dumps(result, indent=1) if as_json else speed_table(result, profile=profile))
 
 
 @bench.command("fidelity")

@@ -8,8 +8,19 @@ prefilled. Supported layer caches: KVCache, RotatingKVCache, QuantizedKVCache, A
 and CacheList of those (recursively); anything else raises UnsupportedCacheError naming it.
 Each type's storage rules live in its own module (caches_kv, caches_rotating, ...).
 
-Array names: "l03.s0.k.codes" = layer 3, segment 0, keys, codec array "codes"; nested caches
-add ".c<j>" ("l03.c1.s0.v.data"), ArraysCache state entries are "l03.a<i>".
+Layer groups (payload format 2): the top-level KVCache / RotatingKVCache layers whose blocks
+look alike (same layout, same token segments, same K/V shapes and dtypes: all layers of a Llama,
+Gemma-3's ring layers and its global layers) are stacked on a new leading axis and coded as ONE
+tensor per segment and role, so a block file holds a handful of tensors whatever the depth of
+the model, and a restore decodes a group with a few calls instead of one per layer. The codec
+reduces only over a vector and its head's tokens (norms, means, outlier channels, log-norm
+ranges), so a stacked encode decodes to the same values as per-layer encodes (tests check it).
+Other layers (ArraysCache, QuantizedKVCache, CacheList) are stored per layer as before.
+
+Array names: "g0.s0.k.codes" = group 0, segment 0, keys, codec array "codes" (leading axis: the
+group's layers, in meta["groups"][0]["layers"] order); per-layer entries "l03.s0.k.codes" =
+layer 3, segment 0, ...; nested caches add ".c<j>" ("l03.c1.s0.v.data"), ArraysCache state
+entries are "l03.a<i>". Format 1 payloads (every layer per layer) still restore.
 """
 
 from dataclasses import dataclass
@@ -30,11 +41,13 @@ from promptvault.errors import PromptvaultError
 from promptvault.vault import caches_arrays, caches_kv, caches_quantized, caches_rotating
 from promptvault.vault.caches_rows import RestoreError
 
-__all__ = ["BlockPayload", "layer_layout", "block_ends_only", "position", "encode_block", "encode_blocks",
-           "prefill_step", "restore_cache", "evaluate_cache",
+__all__ = ["BlockPayload", "layer_layout", "layer_segments", "block_ends_only", "position", "encode_block",
+           "encode_blocks", "prefill_step", "restore_cache", "evaluate_cache",
            "RestoreError", "UnsupportedCacheError", "FORMAT"]
 
-FORMAT = "promptvault.caches/1"
+FORMAT = "promptvault.caches/2"
+FORMAT_V1 = "promptvault.caches/1"  # per-layer tensors only; still restored
+_GROUPABLE = (KVCache, RotatingKVCache)
 
 # Exact classes only: a subclass may change what the buffers mean, so it must be added here
 # deliberately rather than be handled by accident.
@@ -56,7 +69,9 @@ class BlockPayload:
     """One block's state: `arrays` go into a shard as tensors, `meta` (JSON-able) alongside.
 
     meta = {"format", "start", "end", "codec": KVCodec json, "layout": layer_layout(cache),
-            "layers": per-layer meta (segments / snapshot, codec metas)}
+            "layers": per-layer meta (segments / snapshot, codec metas; {"type", "group": g} for a
+                      layer stored in a group),
+            "groups": per group {"layers": [i, ...], "segments": ..., layout fields}}
     """
 
     arrays: dict[str, mx.array]
@@ -79,12 +94,15 @@ class BlockPayload:
         """Every layer holds every token of the block. False when a ring had already dropped
         some of its rows when it was captured (a cache saved after the fact): such a block
         serves only restores whose window lies within the rows it kept."""
-        return all(_complete(m, self.end - self.start) for m in self.meta["layers"])
+        n = self.end - self.start
+        return all(_complete(m, n) for m in [*self.meta["layers"], *self.meta.get("groups", [])])
 
 
 def _complete(meta: dict, n: int) -> bool:
     if "children" in meta:
         return all(_complete(m, n) for m in meta["children"])
+    if "group" in meta:
+        return True  # its group is checked
     if "segments" in meta:
         return sum(b - a for a, b in (s["tokens"] for s in meta["segments"])) == n
     return True  # a recurrent-state snapshot is whole by construction
@@ -115,6 +133,13 @@ def layer_layout(cache: list) -> list[dict]:
     recorded per block in the codec metas and checked when blocks are joined at restore.
     """
     return [_layout_one(c) for c in cache]
+
+
+def layer_segments(meta: dict, layer: int) -> list[dict]:
+    """The token segments a payload holds for a KV-like top-level layer (its group's, when it is
+    stored in one): what a block holds of that layer, for checks and diagnostics."""
+    own = meta["layers"][layer]
+    return meta["groups"][own["group"]]["segments"] if "group" in own else own["segments"]
 
 
 def block_ends_only(layout: list[dict]) -> bool:
@@ -209,12 +234,37 @@ def encode_block(cache: list, start: int, end: int, kv: KVCodec, at: int | None 
             raise RestoreError(f"the cache is at {where} but the block ends at {end}: recurrent state "
                                "(ArraysCache) can only be captured at the position the cache is at")
     arrays: dict[str, mx.array] = {}
-    metas = [_encode_one(c, start, end, kv, f"l{i:02d}", arrays) for i, c in enumerate(cache)]
+    metas: list = [None] * len(cache)
+    groups = []
+    for g, members in enumerate(_groups(cache, start, end)):
+        layers = [i for i, _ in members]
+        mod = _ADAPTERS[type(cache[layers[0]])]
+        groups.append({"layers": layers, **mod.layout(cache[layers[0]]), **mod.encode_group([rows for _, rows in members], kv, f"g{g}", arrays)})
+        for i in layers:
+            metas[i] = {**mod.layout(cache[i]), "group": g}
+    for i, c in enumerate(cache):
+        if metas[i] is None:
+            metas[i] = _encode_one(c, start, end, kv, f"l{i:02d}", arrays)
     if evaluate:
         mx.eval(list(arrays.values()))
     meta = {"format": FORMAT, "start": start, "end": end, "codec": kv.to_json(),
-            "layout": layer_layout(cache), "layers": metas}
+            "layout": layer_layout(cache), "layers": metas, "groups": groups}
     return BlockPayload(arrays=arrays, meta=meta)
+
+
+def _groups(cache: list, start: int, end: int) -> list[list[tuple[int, object]]]:
+    """The top-level KV-like layers in groups of alike blocks: (layer, rows) per member, where
+    rows is the adapter's capture of [start, end) (its held token ranges and their K/V rows)."""
+    groups: dict[tuple, list] = {}
+    for i, c in enumerate(cache):
+        if type(c) not in _GROUPABLE:
+            continue
+        rows = _ADAPTERS[type(c)].capture(c, start, end, f"l{i:02d}")
+        keys, values = rows.keys, rows.values
+        like = (type(c), repr(_layout_one(c)), repr(rows.info), keys.shape[:-2], keys.shape[-1], keys.dtype,
+                values.shape[:-2], values.shape[-1], values.dtype)
+        groups.setdefault(like, []).append((i, rows))
+    return list(groups.values())
 
 
 def _restore_one(layout: dict, blocks: list, n_tokens: int, prefix: str):
@@ -239,8 +289,8 @@ def _check_payloads(payloads: list, n_tokens: int) -> list:
     pos = 0
     used = []
     for p in payloads:
-        if p.meta.get("format") != FORMAT:
-            raise RestoreError(f"payload format {p.meta.get('format')!r} is not {FORMAT!r}")
+        if p.meta.get("format") not in (FORMAT, FORMAT_V1):
+            raise RestoreError(f"payload format {p.meta.get('format')!r} is not {FORMAT!r} (or {FORMAT_V1!r})")
         if p.start != pos:
             raise RestoreError(f"payloads must be contiguous from token 0: got block [{p.start}, {p.end}) at {pos}")
         if p.meta["layout"] != payloads[0].meta["layout"]:
@@ -270,8 +320,56 @@ def restore_cache(model, payloads: list[BlockPayload], n_tokens: int) -> list:
         raise RestoreError(
             f"the model has {len(make_prompt_cache(model))} cache layers, the payloads {len(layout)}"
         )
-    out = []
+    shared = _shared_groups(used)
+    if shared is None:  # format 1 blocks, or blocks grouped differently: layer by layer
+        used = [_per_layer(p) for p in used]
+        shared = []
+    out: list = [None] * len(layout)
+    for g, group in enumerate(shared):
+        blocks = [(p.meta["groups"][g], p.arrays, f"g{g}") for p in used]
+        mod = _BY_NAME[layout[group["layers"][0]]["type"]]
+        for i, c in zip(group["layers"], mod.restore_group(layout[group["layers"][0]], blocks, n_tokens, f"g{g}",
+                                                             len(group["layers"]))):
+            out[i] = c
     for i, lay in enumerate(layout):
-        blocks = [(p.meta["layers"][i], p.arrays, f"l{i:02d}") for p in used]
-        out.append(_restore_one(lay, blocks, n_tokens, f"l{i:02d}"))
+        if out[i] is None:
+            blocks = [(p.meta["layers"][i], p.arrays, f"l{i:02d}") for p in used]
+            out[i] = _restore_one(lay, blocks, n_tokens, f"l{i:02d}")
     return out
+
+
+def _shared_groups(payloads: list) -> list[dict] | None:
+    """The layer groups every payload has (same members and types), or None when they differ."""
+    first = payloads[0].meta.get("groups")
+    if first is None:
+        return None
+    members = [g["layers"] for g in first]
+    for p in payloads[1:]:
+        if [g["layers"] for g in p.meta.get("groups", [])] != members:
+            return None
+    for g in first:
+        if any(_BY_NAME.get(payloads[0].meta["layout"][i]["type"]) is None for i in g["layers"]):
+            return None
+    return first
+
+
+def _per_layer(payload: BlockPayload) -> BlockPayload:
+    """A payload with its groups split back into per-layer entries (format 1's naming), as views
+    of the group tensors: how blocks grouped differently from their neighbours (or a format 1
+    block next to format 2 ones) restore together."""
+    groups = payload.meta.get("groups")
+    if not groups:
+        return payload
+    arrays = {name: a for name, a in payload.arrays.items() if not name.startswith("g")}
+    layers = list(payload.meta["layers"])
+    for g, group in enumerate(groups):
+        head = f"g{g}."
+        mine = {name[len(head):]: a for name, a in payload.arrays.items() if name.startswith(head)}
+        rest = {k: v for k, v in group.items() if k not in ("layers", "segments")}
+        for j, i in enumerate(group["layers"]):
+            for name, a in mine.items():
+                arrays[f"l{i:02d}.{name}"] = a[j]
+            segments = [{**seg, **{r: {**seg[r], "shape": seg[r]["shape"][1:]} for r in ("k", "v")}}
+                        for seg in group["segments"]]
+            layers[i] = {"type": layers[i]["type"], **rest, "segments": segments}
+    return BlockPayload(arrays, {**payload.meta, "layers": layers, "groups": []})

@@ -20,7 +20,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import RotatingKVCache
 
 from promptvault.codec import KVCodec
-from promptvault.vault.caches_rows import RestoreError, encode_segments, fill_rows
+from promptvault.vault.caches_rows import RestoreError, Rows, encode_group as _encode_group, encode_segments, fill_rows
 
 
 def layout(cache: RotatingKVCache) -> dict:
@@ -58,6 +58,36 @@ def encode(cache: RotatingKVCache, start: int, end: int, kv: KVCodec, prefix: st
         rows = slice(row, row + b - a)
         segments += encode_segments(keys[..., rows, :], values[..., rows, :], (a, b), kv, prefix, len(segments), out)
     return {**layout(cache), "offset": int(cache.offset), "idx": int(cache._idx), "segments": segments}
+
+
+def capture(cache: RotatingKVCache, start: int, end: int, prefix: str) -> Rows:
+    """The ring's rows of tokens [start, end) that it still holds, for a layer group."""
+    if cache.keys is None or end > cache.offset:
+        raise RestoreError(
+            f"layer {prefix}: RotatingKVCache has seen {cache.offset} tokens, cannot capture block [{start}, {end})"
+        )
+    keys, values = _temporal(cache)
+    ranges = held_ranges(cache.keep, cache.offset, keys.shape[2], start, end)
+    return Rows(keys, values, ranges, {"ranges": [[a, b, r] for a, b, r in ranges], "offset": int(cache.offset),
+                                       "idx": int(cache._idx)})
+
+
+def encode_group(rows: list[Rows], kv: KVCodec, prefix: str, out: dict) -> dict:
+    info = rows[0].info
+    return {"offset": info["offset"], "idx": info["idx"], "segments": _encode_group(rows, kv, prefix, out)}
+
+
+def restore_group(layout: dict, blocks: list, n_tokens: int, prefix: str, n_layers: int) -> list[RotatingKVCache]:
+    """One ring per layer of a group, decoded together (see caches_kv.restore_group)."""
+    max_size, keep = int(layout["max_size"]), int(layout["keep"])
+    n_rows = min(n_tokens, max_size)
+    keys, values = fill_rows(blocks, prefix, needed_ranges(max_size, keep, n_tokens), n_rows)
+    out = []
+    for j in range(n_layers):
+        cache = RotatingKVCache(max_size=max_size, keep=keep)
+        cache.keys, cache.values, cache.offset, cache._idx = keys[j], values[j], n_tokens, n_rows
+        out.append(cache)
+    return out
 
 
 def needed_ranges(max_size: int, keep: int, n_tokens: int) -> list[tuple[int, int, int]]:

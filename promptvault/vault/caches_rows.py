@@ -7,6 +7,7 @@ Restore copies, for every token range a cache needs, the matching rows of every 
 one preallocated buffer: each buffer is sized once, no concatenation chains.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import mlx.core as mx
@@ -18,6 +19,54 @@ from promptvault.errors import PromptvaultError
 
 class RestoreError(PromptvaultError, ValueError):
     """The payloads cannot rebuild the requested cache (missing rows, wrong position, bad meta)."""
+
+
+@dataclass
+class Rows:
+    """What one KV-like layer holds of a block: `keys`/`values` (..., rows, d) and, per held
+    token range (a, b), the row where token a is (`ranges`); `info` is the JSON-able part
+    (ranges and ring position) that layers must share to be coded as one group."""
+    keys: mx.array
+    values: mx.array
+    ranges: list[tuple[int, int, int]]
+    info: dict
+
+
+def encode_group(rows: list[Rows], kv: KVCodec, prefix: str, out: dict) -> list[dict]:
+    """Code alike layers' rows as one stack (a new leading axis): one tensor per segment and
+    role for the whole group. Returns the group's segments (split at the sinks as
+    encode_segments does)."""
+    segments: list[dict] = []
+    for a, b, row in rows[0].ranges:
+        for s, e, codec in _sink_split(a, b, kv):
+            sl = slice(row + s - a, row + e - a)
+            ek = _encode_stack([r.keys[..., sl, :] for r in rows], codec.keys)
+            ev = _encode_stack([r.values[..., sl, :] for r in rows], codec.values)
+            name = f"{prefix}.s{len(segments)}"
+            put_arrays(out, name + ".k", ek.arrays)
+            put_arrays(out, name + ".v", ev.arrays)
+            segments.append({"tokens": [s, e], "k": ek.meta(), "v": ev.meta()})
+    return segments
+
+
+def _encode_stack(parts: list[mx.array], spec) -> Encoded:
+    """`encode` of the parts stacked on a new leading axis. With the fused kernels (GPU) that is
+    one launch over the stack; on the CPU path each part is encoded on its own and the coded
+    arrays stacked (a whole stack at once is several times slower there: its float32
+    intermediates leave the cache). The codec's math is per vector and per head, so both give
+    the same arrays."""
+    if spec.lossless or fused.backend() != "reference":
+        return encode(mx.stack(parts), spec)
+    encs = [encode(p, spec) for p in parts]
+    arrays = {name: mx.stack([e.arrays[name] for e in encs]) for name in encs[0].arrays}
+    return Encoded(spec, (len(parts), *encs[0].shape), encs[0].dtype, arrays)
+
+
+def _sink_split(a: int, b: int, kv: KVCodec) -> list[tuple[int, int, KVCodec]]:
+    """Tokens [a, b) as (start, end, codec) runs: the part within the lossless sinks (tokens
+    [0, kv.sinks)) losslessly, the rest with `kv`."""
+    cut = min(max(kv.sinks, a), b)
+    return ([(a, cut, KVCodec(LOSSLESS, LOSSLESS))] if cut > a else []) + ([(cut, b, kv)] if cut < b else [])
 
 
 def sub_arrays(arrays: dict, prefix: str) -> dict:
@@ -52,8 +101,7 @@ def encode_segments(keys: mx.array, values: mx.array, tokens: tuple[int, int], k
     [0, kv.sinks)): the sink rows losslessly, the rest with `kv`. Every segment records its own
     codec, so readers need nothing new to decode them."""
     a, b = tokens
-    cut = min(max(kv.sinks, a), b)
-    parts = ([(a, cut, KVCodec(LOSSLESS, LOSSLESS))] if cut > a else []) + ([(cut, b, kv)] if cut < b else [])
+    parts = _sink_split(a, b, kv)
     return [
         encode_segment(keys[..., s - a : e - a, :], values[..., s - a : e - a, :], (s, e), codec,
                        f"{prefix}.s{first + j}", out)
@@ -100,6 +148,7 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
         buffers = _fill_rows_fused(plan, n_rows)
         if buffers is not None:
             return buffers
+        return _fill_rows_tiled(plan, n_rows, layer)
     buffers = None
     for seg, arrays, prefix, i0, i1, row in plan:
         try:
@@ -109,14 +158,60 @@ def fill_rows(blocks: Sequence, layer: str, needed: Sequence[tuple[int, int, int
         if buffers is None:
             buffers = [mx.zeros((*p.shape[:-2], n_rows, p.shape[-1]), p.dtype) for p in parts]
         for buf, p in zip(buffers, parts):
-            if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
-                raise RestoreError(
-                    f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
-                    f"earlier blocks ({buf.shape} {buf.dtype})"
-                )
+            _check_rows(layer, p, buf)
             buf[..., row : row + i1 - i0, :] = p
         mx.eval(buffers)
     return tuple(buffers)
+
+
+def _check_rows(layer: str, p: mx.array, buf: mx.array) -> None:
+    if p.shape[:-2] != buf.shape[:-2] or p.shape[-1] != buf.shape[-1] or p.dtype != buf.dtype:
+        raise RestoreError(
+            f"layer {layer}: block rows of shape {p.shape} {p.dtype} do not match "
+            f"earlier blocks ({buf.shape} {buf.dtype})"
+        )
+
+
+def _fill_rows_tiled(plan: list, n_rows: int, layer: str) -> tuple[mx.array, mx.array]:
+    """K and V buffers with the codec's own decode (CPU, or kernels off), tile by tile: each
+    segment's vectors (all layers of a group, flattened with the heads) are decoded in tiles of
+    about _TILE values, each evaluated straight into the buffer. On a CPU the decode is a chain
+    of elementwise MLX ops, fastest while a tile's float32 intermediates stay in the core's cache
+    (a whole group at once is several times slower), and the intermediates beside the buffers
+    stay small. The decode is per-vector math in a fixed order: a vector decodes to the same bits
+    in any tile."""
+    buffers = []
+    for part in ("k", "v"):
+        buf, lead = None, None
+        for seg, arrays, prefix, i0, i1, row in plan:
+            try:
+                enc = Encoded.from_parts(seg[part], sub_arrays(arrays, f"{prefix}.{part}"))
+                enc = enc.slice_tokens(i0, i1)
+            except (KeyError, ValueError) as err:
+                raise RestoreError(f"layer {layer}: segment {prefix} does not decode: {err}") from err
+            if buf is None:
+                lead = enc.shape[:-2]
+                buf = mx.zeros((int(np.prod(lead)), n_rows, enc.shape[-1]), enc.dtype)
+            if enc.shape[:-2] != lead or enc.shape[-1] != buf.shape[-1] or enc.dtype != buf.dtype:
+                raise RestoreError(f"layer {layer}: block rows of shape {enc.shape} {enc.dtype} do not match "
+                                   f"earlier blocks ({(*lead, n_rows, buf.shape[-1])} {buf.dtype})")
+            n_vec, (t, d) = buf.shape[0], enc.shape[-2:]
+            flat = {name: a.reshape(n_vec, *a.shape[-2:]) for name, a in enc.arrays.items()}
+            step = n_vec if enc.spec.lossless else max(1, _TILE // (t * d))
+            for r in range(0, n_vec, step):
+                s = min(step, n_vec - r)
+                tile = Encoded(enc.spec, (s, t, d), enc.dtype, {n: a[r : r + s] for n, a in flat.items()})
+                try:
+                    buf[r : r + s, row : row + t, :] = decode(tile)
+                except ValueError as err:
+                    raise RestoreError(f"layer {layer}: segment {prefix} does not decode: {err}") from err
+                mx.eval(buf)
+        buffers.append(buf.reshape(*lead, n_rows, buf.shape[-1]))
+    return tuple(buffers)
+
+
+# Values per decode call on the CPU path: a tile's float32 intermediates (~128 KiB) stay in cache.
+_TILE = 1 << 15
 
 
 def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:

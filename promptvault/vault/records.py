@@ -1,19 +1,22 @@
-"""The chunk record: what one shard file holds besides its payload, in one place for the writer,
-the reindex and the benchmarks.
+"""The chunk record: what one shard file holds besides the codec's tensors, and how a block
+becomes one (encode_chunk, for the writer and the benchmarks) and a verified shard a restorable
+block again (loaded).
 
-A shard's metadata (safetensors `__metadata__`, str -> str; see shards.py for the file itself):
-
-    format      SHARD_FORMAT
-    chunk       canonical JSON {key, parent, namespace, position, n_tokens}: the chunk's identity
-    namespace   compact.pack(namespace descriptor): model, KV dtype, layout, block size, codec
-    payload     compact.pack(block payload meta without layout and codec, which the namespace holds)
-
-and besides the payload's tensors one tensor TOKENS: the chunk's token ids (uint32), so a reader
-can check that a chunk belongs to the prompt it is asked to serve without trusting the index.
+A chunk file (shards.py) holds the block's payload tensors (caches.py: layer groups "g<k>.*" and
+per-layer "l<i>.*"), the tensor TOKENS (the chunk's token ids, uint32: a restore checks them
+against the prompt, so a damaged index cannot make a shard serve a prompt it was not computed
+for), and metadata:
+    "format": SHARD_FORMAT (the vault format; reindex refuses other values),
+    "chunk": canonical JSON {key, parent, namespace, position, n_tokens},
+    "namespace": the namespace descriptor (compact.pack), whose layout and codec complete the
+                 payload meta,
+    "payload": the payload meta without layout and codec (compact.pack),
+    "shard_version": the file layout version (shards.VERSION; added by shards.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import mlx.core as mx
@@ -21,7 +24,7 @@ import numpy as np
 
 from promptvault.vault import caches, compact
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json
-from promptvault.vault.shards import encode_shard, relpath
+from promptvault.vault.shards import CorruptShard, Shard, encode_shard, relpath
 
 SHARD_FORMAT = f"promptvault.shard/{FORMAT_VERSION}"
 TOKENS = "_tokens"  # tensor holding the chunk's token ids (uint32)
@@ -61,7 +64,24 @@ def encode_chunk(ns: Namespace, payload: caches.BlockPayload, tokens, key: str, 
 
 @dataclass
 class Loaded:
-    """A chunk's payload as the RAM tier keeps it (read back from its shard, or just written)."""
+    """A chunk ready to restore (what the RAM tier keeps: arrays already in MLX, in the layer
+    groups' stacked form a restore decodes in one go)."""
     payload: caches.BlockPayload
     nbytes: int
     tokens: np.ndarray  # the chunk's token ids, from the shard itself (not the index)
+
+
+def loaded(shard: Shard, key: str) -> Loaded:
+    """The chunk a verified shard holds; CorruptShard if it is not the chunk `key` or its
+    metadata does not parse (KeyError / ValueError / TypeError are turned into CorruptShard)."""
+    try:
+        info = json.loads(shard.metadata["chunk"])
+        if info["key"] != key:
+            raise CorruptShard("shard does not hold the indexed chunk")
+        ns = compact.unpack(shard.metadata["namespace"])
+        meta = {**compact.unpack(shard.metadata["payload"]), "layout": ns["layout"]["layers"], "codec": ns["codec"]}
+    except (KeyError, ValueError, TypeError) as e:
+        raise CorruptShard(f"bad chunk metadata: {e}") from e
+    arrays = {k: v for k, v in shard.arrays.items() if k != TOKENS}
+    toks = np.asarray(shard.arrays[TOKENS]).astype(np.int64) if TOKENS in shard.arrays else np.zeros(0, np.int64)
+    return Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks)

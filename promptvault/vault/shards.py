@@ -11,6 +11,15 @@ Format: standard safetensors (readable by `safetensors`, `mx.load`), written her
 checksum can cover the exact bytes on disk. `__metadata__["checksum"]` is
 "xxh3_64:<hex>" of the whole header (with the checksum hex zeroed) followed by the tensor bytes,
 so a flipped byte anywhere in the file is caught on read.
+Version 2 (`__metadata__["shard_version"] = "2"`) lays the tensors out by element size, largest
+first (then by name), with the JSON header padded to 8 bytes: every tensor starts at a multiple
+of its element size from the (8-aligned) data region, with no holes, so a reader can take every
+tensor as a view of one buffer. Version 1 files (no "shard_version", tensors by name) read the
+same way, with a copy for any tensor that is not aligned.
+A file is read with one `readinto` into one buffer and checksummed there; `read_shards` reads
+the files of a restore on a small thread pool (file I/O and xxhash release the GIL: the disk
+sees several requests at once) and builds the MLX arrays on the calling thread (MLX from
+background threads can abort).
 
 A chunk key names one set of bytes forever: the first complete file wins. Two writers of one key
 need not compute the same bytes (a lossy codec applied to a prefix one of them restored from its
@@ -29,7 +38,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -37,6 +48,8 @@ import numpy as np
 import xxhash
 
 SUFFIX = ".safetensors"
+VERSION = "2"
+_READ_THREADS = 4  # files read at once by read_shards: queue depth for the disk
 _PREFIX = "xxh3_64:"
 _ZERO = "0" * 16
 
@@ -86,7 +99,7 @@ def _encode_parts(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tupl
     header: dict = {}
     blobs = []
     offset = 0
-    for name in sorted(arrays):
+    for name in sorted(arrays, key=lambda k: (-arrays[k].itemsize, k)):  # aligned, no holes
         a = arrays[name]
         if a.size == 0:
             raise ValueError(f"safetensors cannot store the size-0 array {name!r}")
@@ -97,7 +110,7 @@ def _encode_parts(arrays: dict[str, mx.array], metadata: dict[str, str]) -> tupl
                         "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
-    header["__metadata__"] = {**metadata, "checksum": _PREFIX + _ZERO}
+    header["__metadata__"] = {**metadata, "shard_version": VERSION, "checksum": _PREFIX + _ZERO}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     h = xxhash.xxh3_64(text)
@@ -231,30 +244,121 @@ def read_metadata(path: Path, tensor: str) -> tuple[dict[str, str], str, np.ndar
             raise CorruptShard(str(e)) from e
     meta = dict(header["__metadata__"])
     meta.pop("checksum")
+    meta.pop("shard_version", None)
     return meta, digest, array
 
 
-def read_shard(path: Path) -> Shard:
-    """Read and verify a shard; raises CorruptShard on any mismatch, OSError if unreadable."""
+@dataclass
+class Timing:
+    """Where reading shards went (seconds, summed over files: threads overlap, so the read and
+    checksum sums may exceed the wall time), for `bench speed --profile`."""
+    read_s: float = 0.0  # readinto (file I/O)
+    checksum_s: float = 0.0  # header parse + xxh3 of the buffer
+    arrays_s: float = 0.0  # MLX arrays made from the buffers (host copies / uploads)
+    files: int = 0
+    tensors: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class _Raw:
+    """A shard file read and verified, before any MLX array is made from it."""
+    buf: np.ndarray  # the whole file
+    start: int  # offset of the data region
+    header: dict
+    digest: str
+    times: tuple = field(default=(0.0, 0.0))
+
+
+def _read_raw(path: Path) -> _Raw:
+    """One readinto of the whole file into a fresh buffer, then its checksum. File I/O and
+    xxhash only: safe on a worker thread."""
+    t0 = time.perf_counter()
     with _open(path) as f:
-        buf = f.read()
+        size = os.fstat(f.fileno()).st_size
+        buf = np.empty(size, dtype=np.uint8)
+        got = f.readinto(memoryview(buf))
+    if got != size:
+        raise CorruptShard(f"short read: {got} of {size} bytes")
+    t1 = time.perf_counter()
+    view = memoryview(buf)
     try:
-        n, header, digest = _parse_header(buf)
-        text = buf[8 : 8 + n].replace((_PREFIX + digest).encode(), (_PREFIX + _ZERO).encode(), 1)
-        data = memoryview(buf)[8 + n :]
-        if xxhash.xxh3_64_hexdigest(text + data) != digest:
+        n, header, digest = _parse_header(view[:8 + int.from_bytes(view[:8], "little")].tobytes()
+                                          if size >= 8 else b"")
+        text = bytes(view[8 : 8 + n]).replace((_PREFIX + digest).encode(), (_PREFIX + _ZERO).encode(), 1)
+        h = xxhash.xxh3_64(text)
+        h.update(view[8 + n :])
+        if h.hexdigest() != digest:
             raise CorruptShard("checksum mismatch")
-        meta = header.pop("__metadata__")
-        meta.pop("checksum")
-        arrays = {}
-        for name, spec in header.items():
-            mxd, npd = _DTYPES[spec["dtype"]]
-            start, stop = spec["data_offsets"]
-            raw = np.frombuffer(data[start:stop], dtype=npd).reshape(spec["shape"])
-            a = mx.array(raw)
-            arrays[name] = a.view(mxd) if mxd == mx.bfloat16 else a
     except CorruptShard:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CorruptShard(str(e)) from e
-    return Shard(arrays, meta, digest, len(buf))
+    return _Raw(buf, 8 + n, header, digest, (t1 - t0, time.perf_counter() - t1))
+
+
+def _shard(raw: _Raw) -> Shard:
+    """MLX arrays from a verified buffer: each tensor a typed numpy view of the buffer, copied
+    once into MLX (mx.array copies, so the buffer is free to go)."""
+    header = dict(raw.header)
+    try:
+        meta = dict(header.pop("__metadata__"))
+        meta.pop("checksum")
+        meta.pop("shard_version", None)
+        arrays = {}
+        size = len(raw.buf) - raw.start
+        for name, spec in header.items():
+            mxd, npd = _DTYPES[spec["dtype"]]
+            start, stop = spec["data_offsets"]
+            item = np.dtype(npd).itemsize
+            count = (stop - start) // item
+            shape = [int(d) for d in spec["shape"]]
+            if not 0 <= start <= stop <= size or count * item != stop - start or int(np.prod(shape)) != count:
+                raise CorruptShard(f"tensor {name!r} does not fit the file")
+            raw_view = np.frombuffer(raw.buf, dtype=npd, count=count, offset=raw.start + start).reshape(shape)
+            a = mx.array(raw_view)
+            arrays[name] = a.view(mxd) if mxd == mx.bfloat16 else a
+    except CorruptShard:
+        raise
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptShard(str(e)) from e
+    return Shard(arrays, meta, raw.digest, len(raw.buf))
+
+
+def read_shard(path: Path) -> Shard:
+    """Read and verify a shard; raises CorruptShard on any mismatch, OSError if unreadable."""
+    return _shard(_read_raw(path))
+
+
+def read_shards(paths: list[Path], timing: Timing | None = None):
+    """Read and verify shards, several files at once; yields (path, Shard or the exception its
+    read raised) in the order given, each as soon as it and those before it are read. Stop
+    iterating to stop using the results (reads already started finish and are dropped)."""
+    if not paths:
+        return
+    timing = timing if timing is not None else Timing()
+    with ThreadPoolExecutor(max_workers=min(_READ_THREADS, len(paths))) as pool:
+        futures = [pool.submit(_read_raw, p) for p in paths]
+        try:
+            for path, fut in zip(paths, futures):
+                try:
+                    raw = fut.result()
+                except (CorruptShard, OSError) as e:
+                    yield path, e
+                    continue
+                timing.read_s += raw.times[0]
+                timing.checksum_s += raw.times[1]
+                t0 = time.perf_counter()
+                try:
+                    shard = _shard(raw)
+                except CorruptShard as e:
+                    yield path, e
+                    continue
+                timing.arrays_s += time.perf_counter() - t0
+                timing.files += 1
+                timing.tensors += len(shard.arrays)
+                timing.nbytes += shard.nbytes
+                yield path, shard
+        finally:
+            for fut in futures:
+                fut.cancel()

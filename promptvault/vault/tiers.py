@@ -1,7 +1,9 @@
 """Storage tiers: a RAM tier of compressed chunks over the disk tier, each with a byte cap.
 
-RAM holds verified, still-compressed payloads (the codes and norms as read from a shard), so a
-hot prefix skips the file read and checksum but still costs only its compressed size in memory.
+RAM holds verified, still-compressed payloads (the codes and norms as read from a shard) as MLX
+arrays in the form a restore uses directly: one stacked tensor per layer group, segment and role
+(caches.py), on the device where there is one (unified memory on Apple silicon). A hot prefix
+skips the file read, checksum and upload, and costs only its compressed size in memory.
 
 The disk cap counts everything under the vault directory (shards, index, WAL, quarantine), and
 files other processes wrote count too (LMCache filled 460 GB of a 250 GB cap by trusting its

@@ -32,7 +32,6 @@ import os
 import sqlite3
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
@@ -43,15 +42,13 @@ from mlx_lm.models.cache import make_prompt_cache
 from promptvault.codec import KVCodec
 from promptvault.codec.spec import DEFAULT_CODEC
 from promptvault.tokens import token_array
-from promptvault.vault import caches, compact
-from promptvault.vault.records import TOKENS as _TOKENS, Loaded as _Loaded
+from promptvault.vault import caches
 from promptvault.vault.errors import VaultPathError, VaultReadOnlyError, VaultSettingsError
 from promptvault.vault.index import Index, corrupt as _corrupt
-from promptvault.vault.keys import chunk_key
-from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.maintenance import Maintenance
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, make_namespace
-from promptvault.vault.shards import SUFFIX, CorruptShard, read_shard
+from promptvault.vault.shards import SUFFIX
+from promptvault.vault.store import ChunkStore, LookupResult, RestoreResult
 from promptvault.vault.tiers import DiskTier, RamTier
 from promptvault.vault.write_path import WritePath
 
@@ -59,34 +56,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_SIZE = 256
 DEFAULT_RAM_CAP = 256 * 2**20
-
-
-@dataclass
-class LookupResult:
-    namespace: str
-    tokens_total: int
-    tokens_reused: int
-    tier: str  # "ram" (every chunk in RAM), "disk", or "none" (miss)
-    chunks: list[dict]  # index rows covering the reused tokens
-    seconds: float
-
-
-@dataclass
-class RestoreResult:
-    cache: list  # fresh mlx-lm cache objects (empty ones on a miss)
-    tokens_total: int
-    tokens_reused: int
-    tier: str  # "ram", "disk" or "none"
-    lookup_s: float
-    read_s: float  # shard reads + checksums (0 for RAM hits)
-    decode_s: float  # payloads -> cache objects, evaluated
-    quarantined: list[str] = field(default_factory=list)  # keys of shards that failed their check
-    missing: list[str] = field(default_factory=list)  # keys whose files were gone (evicted meanwhile)
-    note: str | None = None  # why nothing was reused, when the vault can tell (another namespace)
-
-    @property
-    def seconds(self) -> float:
-        return self.lookup_s + self.read_s + self.decode_s
 
 
 class Vault(WritePath, Maintenance):
@@ -103,6 +72,7 @@ class Vault(WritePath, Maintenance):
     def __init__(self, path, *, block_size: int | None = None, disk_cap: int | None = None,
                  ram_cap: int | None = None, codec: KVCodec | None = None):
         self.root = Path(path).expanduser()
+        self.store = ChunkStore(self)
         self.codec = codec or DEFAULT_CODEC
         self.read_only = False  # set when the directory cannot be written: reads work, writes raise
         try:
@@ -222,64 +192,16 @@ class Vault(WritePath, Maintenance):
         """The longest stored prefix of `tokens` reusable by `lm` (always < len(tokens)).
 
         A model whose cache holds a layer type the vault cannot store is a miss, not an error."""
-        t0 = time.perf_counter()
-        toks = _tokens(lm, tokens)
-        try:
-            ns = self.namespace(lm)
-        except caches.UnsupportedCacheError as e:
-            log.warning("%s: nothing can be reused", e)
-            return LookupResult("", len(toks), 0, "none", [], time.perf_counter() - t0)
-        p = plan(self.index, ns, toks)
-        tier = "none"
-        if p.reuse:
-            tier = "ram" if all(self.ram.get(r["key"]) is not None for r in p.chunks) else "disk"
-        return LookupResult(ns.id, len(toks), p.reuse, tier, p.chunks, time.perf_counter() - t0)
+        return self.store.lookup(lm, _tokens(lm, tokens))
 
     def restore(self, lm, tokens) -> RestoreResult:
-        """Fresh caches for `lm` holding the longest stored prefix of `tokens`.
+        """Fresh caches for `lm` holding the longest stored prefix of `tokens` (store.py).
 
         Chunks are read in order; the first one that is missing, fails its checksum (it is then
         quarantined) or holds other tokens than the prompt ends the restore there: the intact
         chunks before it are used, so one bad chunk costs only the tokens from it on.
         """
-        toks = _tokens(lm, tokens)
-        look = self.lookup(lm, toks)
-        result = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none", look.seconds, 0.0, 0.0)
-        if not look.tokens_reused:
-            if look.namespace:
-                result.note = self._other_namespace_note(toks, self.namespace(lm))
-                if result.note:
-                    log.warning("%s", result.note)
-            return result
-        t0 = time.perf_counter()
-        items, result.quarantined, result.missing = self._load(look.chunks, toks[: look.tokens_reused])
-        result.read_s = time.perf_counter() - t0
-        reuse = look.tokens_reused
-        if len(items) < len(look.chunks):
-            reuse = self._usable(self.namespace(lm), look.chunks[: len(items)], reuse)
-            what = ", ".join(f"{len(keys)} {kind}" for kind, keys in
-                             (("missing", result.missing), ("quarantined", result.quarantined)) if keys)
-            log.warning("stored chunk(s) unusable (%s): restoring %d of the %d tokens found%s", what, reuse,
-                        look.tokens_reused, "" if reuse else ", running cold")
-        if not reuse:
-            return result
-        t1 = time.perf_counter()
-        try:
-            cache = caches.restore_cache(lm.model, [i.payload for i in items], reuse)
-        except caches.RestoreError as e:
-            log.warning("stored chunks cannot be restored (%s); running cold", e)
-            return result
-        _eval_cache(cache)
-        decode_s = time.perf_counter() - t1
-        used = look.chunks[: len(items)]
-        log.info("restored %d of %d tokens from %d chunks (%s): lookup %.1f ms, read %.1f ms, decode %.1f ms",
-                 reuse, look.tokens_total, len(used), look.tier, look.seconds * 1e3, result.read_s * 1e3,
-                 decode_s * 1e3)
-        if not self.read_only:
-            self.index.touch([r["key"] for r in used])
-            self._touch_files(used)
-        result.cache, result.tokens_reused, result.tier, result.decode_s = cache, reuse, look.tier, decode_s
-        return result
+        return self.store.restore(lm, _tokens(lm, tokens))
 
     def fetch(self, lm, tokens) -> tuple[list, list[int]]:
         """(cache, rest_tokens), as mlx-lm's LRUPromptCache.fetch_nearest_cache: fresh mlx-lm
@@ -289,126 +211,22 @@ class Vault(WritePath, Maintenance):
         r = self.restore(lm, toks)
         return r.cache, toks[r.tokens_reused:].tolist()
 
+    # the read path's pieces the write path and maintenance also use (store.py)
+
+    def _load(self, rows: list[dict], toks: np.ndarray | None = None):
+        return self.store.load(rows, toks)
+
+    def _read(self, row: dict):
+        return self.store.read(row)
+
     def _usable(self, ns: Namespace, rows: list[dict], reuse: int) -> int:
-        """Tokens restorable from the leading chunks `rows` alone (at most `reuse`): their end, or
-        in a namespace with recurrent state the last of their ends that has a snapshot."""
-        ends = np.cumsum([r["n_tokens"] for r in rows]).tolist() if rows else []
-        if rows and exact_only(ns):
-            ends = [e for e, r in zip(ends, rows) if e <= reuse and self.index.has_snapshot(r["key"])]
-        return min(int(max(ends, default=0)), reuse)
-
-    def _touch_files(self, rows: list[dict]) -> None:
-        """A file's access time is its chunk's last use, its modification time its creation: the
-        eviction order survives an index rebuild (reindex reads both back)."""
-        now = time.time()
-        for r in rows:
-            try:
-                os.utime(self.shards / r["file"], (now, os.stat(self.shards / r["file"]).st_mtime))
-            except OSError:
-                pass
-
-    def _other_namespace_note(self, toks: np.ndarray, ns: Namespace) -> str | None:
-        """Why a prompt found nothing: another namespace of this vault (another model, codec or KV
-        dtype) holds its first block. None when no other namespace does, or the prompt is shorter
-        than a block."""
-        if len(toks) <= self.block_size:
-            return None
-        for other in self.index.namespaces():
-            desc = other["descriptor"]
-            if other["id"] == ns.id:
-                continue
-            first = chunk_key(None, Namespace.from_descriptor(desc).digest, toks[: self.block_size])
-            if self.index.existing([first]):
-                what = {"model": "another model", "codec": "another codec (--key-bits/--value-bits/--quality)",
-                        "kv_dtype": "another KV dtype", "layout": "another cache layout"}
-                diff = [text for k, text in what.items() if desc.get(k) != ns.descriptor.get(k)]
-                return (f"nothing reused: this prompt is stored under namespace {other['id'][:12]} with "
-                        f"{', '.join(diff) or 'other settings'} than this run's")
-        return None
-
-    def _load(self, rows: list[dict], toks: np.ndarray | None = None
-              ) -> tuple[list[_Loaded], list[str], list[str]]:
-        """The leading chunks of `rows` that can be used, from the RAM tier or read and verified
-        from disk (then kept in RAM), up to the first that cannot; with the keys quarantined and
-        missing. Given the reused tokens `toks`, each chunk's own tokens must match them where they overlap:
-        the lookup trusted the index's copy of the tokens, and a damaged index must not make a
-        shard serve a prompt it was not computed for (such a row is re-read from its file)."""
-        loaded: list[_Loaded] = []
-        for row in rows:
-            item = self.ram.get(row["key"])
-            if item is None:
-                item, problem = self._read(row)
-                if item is None:
-                    return loaded, [row["key"]] if problem == "quarantined" else [], \
-                        [row["key"]] if problem == "missing" else []
-                self.ram.put(row["key"], item, item.nbytes)
-            if toks is not None and not self._tokens_match(row, item, toks):
-                return loaded, [], []
-            loaded.append(item)
-        return loaded, [], []
-
-    def _tokens_match(self, row: dict, item: _Loaded, toks: np.ndarray) -> bool:
-        start = row["position"]
-        need = min(row["n_tokens"], len(toks) - start)
-        if need <= 0 or (len(item.tokens) >= need and np.array_equal(item.tokens[:need], toks[start : start + need])):
-            return True
-        log.warning("the index disagreed with shard %s about its tokens; its row is re-read from the file",
-                    row["key"][:12])
-        self.ram.discard(row["key"])
-        if not self.read_only:
-            self.index.delete_chunks([row["key"]])
-            self._adopt(self.shards / row["file"])
-        return False
-
-    def _read(self, row: dict) -> tuple[_Loaded | None, str | None]:
-        """Read and verify one shard: (chunk, None), or (None, "missing") when its file is gone,
-        or (None, "quarantined") when it failed its check (moved aside, row dropped).
-
-        A file that checks out against its own checksum and names the right key is used even when
-        the index recorded another checksum: the index row is stale (the file was evicted and
-        published again since), so the row is corrected, not the file quarantined."""
-        path = self.shards / row["file"]
-        try:
-            shard = read_shard(path)
-            info = json.loads(shard.metadata["chunk"])
-            if info["key"] != row["key"]:
-                raise CorruptShard("shard does not hold the indexed chunk")
-            ns = compact.unpack(shard.metadata["namespace"])
-            meta = {**compact.unpack(shard.metadata["payload"]), "layout": ns["layout"]["layers"],
-                    "codec": ns["codec"]}
-        except FileNotFoundError:  # evicted by another process meanwhile
-            if not self.read_only:
-                self.index.delete_chunks([row["key"]])
-            return None, "missing"
-        except (CorruptShard, KeyError, ValueError, TypeError):
-            self._quarantine(row["key"], path)
-            return None, "quarantined"
-        if shard.checksum != row["checksum"] and not self.read_only:
-            self.index.set_file(row["key"], shard.nbytes, shard.checksum)
-        arrays = {k: v for k, v in shard.arrays.items() if k != _TOKENS}
-        toks = np.asarray(shard.arrays[_TOKENS]).astype(np.int64) if _TOKENS in shard.arrays else np.zeros(0, np.int64)
-        return _Loaded(caches.BlockPayload(arrays, meta), sum(a.nbytes for a in arrays.values()), toks), None
+        return self.store.usable(ns, rows, reuse)
 
     def _quarantine_dir(self) -> Path:
-        """quarantine/, where damaged files go for inspection instead of being deleted."""
-        qdir = self.root / "quarantine"
-        qdir.mkdir(mode=0o700, exist_ok=True)
-        return qdir
+        return self.store.quarantine_dir()
 
     def _quarantine(self, key: str, path: Path) -> None:
-        self.ram.discard(key)
-        if self.read_only:  # cannot move it: it stays a miss for this process
-            log.warning("corrupt shard %s left in place: the vault is read-only", path)
-            return
-        qdir = self._quarantine_dir()
-        try:
-            os.replace(path, qdir / f"{path.stem}.{time.time_ns()}{SUFFIX}")
-        except OSError:
-            try:
-                path.unlink()
-            except OSError:
-                pass
-        self.index.delete_chunks([key])
+        self.store.quarantine(key, path)
 
     def _iter_shard_files(self):
         """Published shard files under shards/ (a writer's temp files excluded), unsorted."""
