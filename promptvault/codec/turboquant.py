@@ -118,15 +118,17 @@ def outlier_channels(values: mx.array, spec: CodecSpec) -> mx.array:
 def centered(x: mx.array, spec: CodecSpec) -> tuple[mx.array, mx.array | None]:
     """x in float32 minus its stored per-head mean over the tokens, and that mean (None when the
     spec does not center). The mean is stored in float16 (2 bytes per channel whatever the cache
-    dtype) unless it would overflow; any stored dtype decodes, so shards with float32 means stay
-    readable. The stored (rounded) mean is what is subtracted, so decode adds back exactly what
-    was removed."""
+    dtype; a float32 mean beyond float16's range is clipped to it, and what it leaves is coded
+    with the vectors); choosing the dtype by the data would wait for the device on every tensor.
+    Any stored dtype decodes, so shards with float32 means stay readable. The stored (rounded)
+    mean is what is subtracted, so decode adds back exactly what was removed."""
     values = x.astype(mx.float32)
     if not spec.center:
         return values, None
     mean = mx.mean(values, axis=-2, keepdims=True)
-    fits = x.dtype == mx.float32 and mx.max(mx.abs(mean)).item() <= _FP16_MAX
-    mean = mean.astype(mx.float16 if fits else x.dtype)
+    if x.dtype == mx.float32:
+        mean = mx.clip(mean, -_FP16_MAX, _FP16_MAX)
+    mean = mean.astype(mx.float16 if x.dtype == mx.float32 else x.dtype)
     return values - mean.astype(mx.float32), mean
 
 
@@ -147,15 +149,20 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         norms = mx.concatenate([norms_hi, norms_lo], axis=-1)
     else:
         arrays["codes"], norms = _code(values, spec.bits, spec.seed)
-    if spec.norm_bits == 8:
-        arrays.update(_log_norms(norms))
-        return arrays
-    if mx.max(norms).item() > _FP16_MAX:
-        raise ValueError(
-            f"vector norms up to {mx.max(norms).item():.3g} overflow the float16 norm; use lossless coding"
-        )
-    arrays["norms"] = norms.astype(mx.float16)
+    arrays.update(stored_norms(norms if spec.norm_bits == 8 else norms.astype(mx.float16)))
     return arrays
+
+
+def stored_norms(norms: mx.array) -> dict[str, mx.array]:
+    """The stored form of corrected norms (..., T, blocks): float16 norms as they are, after
+    checking they did not overflow (the one host sync of an encode, and only of specs with
+    16-bit norms: a stored inf would decode to garbage), or float32 norms as 8-bit log norms."""
+    if norms.dtype != mx.float16:
+        return _log_norms(norms)
+    if not mx.all(mx.isfinite(norms)).item():
+        raise ValueError("vector norms overflow the float16 norm (above 65504); use lossless coding "
+                         "or 8-bit norms (norm_bits=8)")
+    return {"norms": norms}
 
 
 _LOG_LEVELS = 254  # codes 1..255 cover [lo, hi] in log space; 0 means a zero norm
