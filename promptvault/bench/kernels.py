@@ -1,7 +1,7 @@
 """Fused kernels vs the pure-MLX reference on a GPU: correctness, then encode/decode GB/s next to
-the measured copy bandwidth.
+the measured copy bandwidth (`promptvault bench kernels`; its --cpu table is bench/kernels_cpu.py).
 
-    python -m promptvault.bench.kernels --check --bench --restore --out DIR
+    promptvault bench kernels --check --bench --restore --out kb.json
 
 --check   per bits 1–4, head dim 64/96/128/256, dtype float16/bfloat16, plain and centered with
           8-bit norms, and outlier splits (share 0.25; K4/6, K3/6, K2/4 bits; centered with 8-bit
@@ -17,10 +17,8 @@ the measured copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import mlx.core as mx
@@ -30,10 +28,15 @@ from promptvault.codec import CodecSpec, kernels
 from promptvault.codec.turboquant import decode_arrays, encode_arrays
 
 
+class NoKernels(RuntimeError):
+    """The GPU parts of the bench were asked for where no fused backend runs."""
+
+
 def _lang() -> str:
     lang = kernels.backend()
     if lang == "reference":
-        raise SystemExit("no fused backend on this device (needs MLX's CUDA backend or Metal)")
+        raise NoKernels("no fused backend on this device (needs MLX's CUDA backend or Metal); "
+                        "--cpu measures the pure-MLX codec")
     return lang
 
 
@@ -311,43 +314,25 @@ def format_bench(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true")
-    ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--restore", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="decode GB/s under the kernel's tuning knobs")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--dims", default="64,96,128,256", help="head dims for --check")
-    ap.add_argument("--bits", default="1,2,3,4", help="bit widths for --check")
-    ap.add_argument("--dtypes", default="float16,bfloat16", help="dtypes for --check")
-    args = ap.parse_args(argv)
-    result = {"device": str(mx.default_device()), "backend": kernels.backend(), "mlx": mx.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+def run(check_: bool, bench_: bool, restore: bool, sweep_: bool, dims: list[int], bits: list[int],
+        dtypes: list) -> tuple[dict, bool]:
+    """The GPU parts asked for: (result, failed). Progress rows go to stdout as JSON lines."""
+    result = {}
     failed = False
-    if args.sweep:
+    if sweep_:
         result["sweep"] = sweep()
-    if args.bench:
+    if bench_:
         result["bench"] = bench()
         print(format_bench(result["bench"]))
-    if args.check:
-        result["check"] = check(dims=[int(d) for d in args.dims.split(",")],
-                                bits_list=[int(b) for b in args.bits.split(",")],
-                                dtypes=[getattr(mx, t) for t in args.dtypes.split(",")])
+    if check_:
+        result["check"] = check(dims=dims, bits_list=bits, dtypes=dtypes)
         failed |= not all(r["pass"] for r in result["check"])
-    if args.restore:
+    if restore:
         result["restore"] = restore_check()
         failed |= not all(r["pass"] for r in result["restore"])
-    if args.check:
+    if check_:
         bad = [r for r in result["check"] if not r["pass"]]
         print(f"check: {len(result['check']) - len(bad)}/{len(result['check'])} cases pass")
         for r in bad:
             print("FAIL", json.dumps(r))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result, failed
