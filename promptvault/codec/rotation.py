@@ -81,29 +81,29 @@ def _is_power_of_two(n: int) -> bool:
 @lru_cache(maxsize=None)
 def _kronecker_parts(n: int) -> tuple[np.ndarray, int]:
     """n = m·k with k a power of two and m the base of mx.hadamard_transform's matrix; that
-    transform (scaled by 1/sqrt(n), its default) is x @ kron(H_m, H_k) with each factor scaled by
-    1/sqrt of its size. Returns (that H_m, k)."""
+    transform is x @ kron(H_m, H_k) / sqrt(n) with ±1 matrices. Returns (that ±1 H_m, k)."""
     for m in _HADAMARD_BASES[::-1]:
         k = n // m
         if m > 1 and n % m == 0 and k & (k - 1) == 0:
-            return np.array(mx.hadamard_transform(mx.eye(m))), k
+            with mx.stream(mx.cpu):
+                return np.rint(np.array(mx.hadamard_transform(mx.eye(m), scale=1.0))).astype(np.int64), k
     raise ValueError(f"{n} has no Hadamard base in {_HADAMARD_BASES}")
 
 
 def _kronecker_transform(x: mx.array, n: int, transposed: bool) -> mx.array:
-    """x @ kron(H_m, H_k) (mx.hadamard_transform's own matrix, normalised), or its transpose
-    (the inverse), for n = m·k: H_k (symmetric) as mx.hadamard_transform over k, H_m (m ≤ 28) as
-    a fixed sum of m scaled terms per output. The m-axis goes first (one copy) so each term is
-    a contiguous array and MLX fuses the m·m multiply-adds into one contiguous pass (strided or
-    broadcast operands take a slow indexed loop on the CPU). Both the order of those additions
-    and the butterflies are the same for every vector: a BLAS product here (OpenBLAS on Linux)
-    rounded each vector differently depending on how many vectors came with it, so a restore's
-    bits depended on what else it read."""
+    """x @ kron(H_m, H_k) / sqrt(n) (mx.hadamard_transform's own matrix), or its transpose (the
+    inverse), for n = m·k: H_k (symmetric) as unscaled butterflies over k
+    (mx.hadamard_transform), H_m (m ≤ 28) as a fixed sequence of ±1 additions, then one scale,
+    as the GPU kernels do. The m-axis goes first (one copy) so each term is a contiguous array
+    and MLX fuses the additions into one contiguous pass (strided or broadcast operands take a
+    slow indexed loop on the CPU). The order of operations is the same for every vector: a BLAS
+    product here (OpenBLAS on Linux) rounded each vector differently depending on how many
+    vectors came with it, so a restore's bits depended on what else it read."""
     hm, k = _kronecker_parts(n)
     m = hm.shape[0]
     y = x.reshape(*x.shape[:-1], m, k)
     if k > 1:
-        y = mx.hadamard_transform(y)
+        y = mx.hadamard_transform(y, scale=1.0)
     y = mx.contiguous(mx.moveaxis(y, -2, 0))
     outs = _combiner(n, transposed)(*[y[a] for a in range(m)])
     return mx.stack(outs, axis=-2).reshape(x.shape)
@@ -111,18 +111,20 @@ def _kronecker_transform(x: mx.array, n: int, transposed: bool) -> mx.array:
 
 @lru_cache(maxsize=None)
 def _combiner(n: int, transposed: bool):
-    """Compiled: m arrays y[a] → m arrays out[b] = sum_a y[a] H[a, b] (H[b, a] transposed)."""
+    """Compiled: m arrays y[a] → m arrays out[b] = (sum_a ±y[a]) / sqrt(n), the signs H[a, b]
+    (H[b, a] transposed)."""
     hm, _ = _kronecker_parts(n)
     m = hm.shape[0]
+    scale = float(1.0 / np.sqrt(n))
 
     def combine(*ys):
         outs = []
         for b in range(m):
-            acc = None
-            for a in range(m):
-                term = ys[a] * float(hm[b, a] if transposed else hm[a, b])
-                acc = term if acc is None else acc + term
-            outs.append(acc)
+            signs = hm[b, :] if transposed else hm[:, b]
+            acc = ys[0] if signs[0] > 0 else -ys[0]
+            for a in range(1, m):
+                acc = acc + ys[a] if signs[a] > 0 else acc - ys[a]
+            outs.append(acc * scale)
         return outs
 
     return mx.compile(combine)

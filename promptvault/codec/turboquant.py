@@ -113,12 +113,25 @@ def _gather(values: mx.array, channels: mx.array) -> mx.array:
     return mx.take_along_axis(values, index, axis=-1)
 
 
-def outlier_channels(values: mx.array, spec: CodecSpec) -> mx.array:
+def outlier_channels(x: mx.array, mean: mx.array | None, spec: CodecSpec) -> mx.array:
     """(..., 1, k) int32, ascending: the k channels of each head with the most energy over the
-    tokens of `values` (float32, centered when the spec centers)."""
-    k = spec.outlier_channels(values.shape[-1])
-    energy = mx.mean(values * values, axis=-2, keepdims=True)
+    tokens of x minus its stored mean (`centered`). Reads x itself, in one fused pass, rather
+    than the float32 centered copy: the GPU encode never makes that copy."""
+    k = spec.outlier_channels(x.shape[-1])
+    energy = _energy(x) if mean is None else _centered_energy(x, mean)
     return mx.sort(mx.argsort(-energy, axis=-1)[..., :k], axis=-1).astype(mx.int32)
+
+
+@mx.compile
+def _energy(x: mx.array) -> mx.array:
+    v = x.astype(mx.float32)
+    return mx.mean(v * v, axis=-2, keepdims=True)
+
+
+@mx.compile
+def _centered_energy(x: mx.array, mean: mx.array) -> mx.array:
+    v = x.astype(mx.float32) - mean.astype(mx.float32)
+    return mx.mean(v * v, axis=-2, keepdims=True)
 
 
 def centered(x: mx.array, spec: CodecSpec) -> tuple[mx.array, mx.array | None]:
@@ -131,8 +144,13 @@ def centered(x: mx.array, spec: CodecSpec) -> tuple[mx.array, mx.array | None]:
     values = x.astype(mx.float32)
     if not spec.center:
         return values, None
-    mean = mx.mean(values, axis=-2, keepdims=True).astype(x.dtype)
+    mean = _token_mean(x)
     return values - mean.astype(mx.float32), mean
+
+
+@mx.compile
+def _token_mean(x: mx.array) -> mx.array:
+    return mx.mean(x.astype(mx.float32), axis=-2, keepdims=True).astype(x.dtype)
 
 
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
@@ -143,7 +161,7 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     if spec.outliers:
         # Outlier split: the highest-energy channels of each head get their own rotation, norm
         # and finer codebook; channel indices ascending, stored once per head.
-        hi = outlier_channels(values, spec)
+        hi = outlier_channels(x, mean, spec)
         lo = _other_channels(hi, dim)
         arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)
         codes_hi, norms_hi = _code(_gather(values, hi), spec.outlier_bits, spec.seed)

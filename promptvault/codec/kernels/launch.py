@@ -113,11 +113,11 @@ def encode_arrays_with(lang: str, x: mx.array, spec: CodecSpec) -> dict[str, mx.
     launch (both parts of an outlier split included). No host sync except the float16-norm
     overflow check of 16-bit-norm specs (the reference's own)."""
     dim = x.shape[-1]
-    values, mean = tq.centered(x, spec)  # values: lazy, evaluated only for the channel choice
+    _, mean = tq.centered(x, spec)  # the centered float32 copy itself is never evaluated here
     arrays = {} if mean is None else {"mean": mean}
     order = None
     if spec.outliers:
-        hi = tq.outlier_channels(values, spec)
+        hi = tq.outlier_channels(x, mean, spec)
         arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)
         order = tq.channel_order(hi, dim)
     norm_dtype = mx.float16 if spec.norm_bits == 16 else mx.float32
