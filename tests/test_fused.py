@@ -272,3 +272,34 @@ def test_non_power_of_two_factor_is_the_matrix_mlx_uses():
         h8 = np.block([[h8, h8], [h8, -h8]])
     np.testing.assert_array_equal(np.kron(m, h8), direct)
     assert (m @ m.T == 12 * np.eye(12)).all()
+
+
+def test_bench_kernels_cpu_table_runs_and_the_stacked_decode_is_bit_identical():
+    """`promptvault bench kernels --cpu` (tiny): one row per default spec and head dim, and every
+    layer of a stacked decode decodes to the bits of its own decode."""
+    from promptvault.bench.kernels_cpu import cpu_table, format_cpu_table
+
+    rows = cpu_table(dims=(64,), heads=2, tokens=64, layers=3, reps=1)
+    assert [r["codec"] for r in rows] == ["K default", "V default"]
+    assert all(r["stacked_bit_identical"] and r["decode_GBs"] > 0 and r["encode_GBs"] > 0 for r in rows)
+    table = format_cpu_table(rows, (1.0, 1.0, 1.0))
+    assert "| K default (tq4cn8o25x6) | 64 |" in table and "load average 1.0" in table
+
+
+def test_a_stacked_tensor_decodes_in_pieces_to_the_bits_of_each_layer():
+    """Above the piece size the pure-MLX path works in cache-sized pieces of rows and tokens; a
+    layer (and a token range) must decode to the same bits whatever it is decoded with."""
+    from promptvault.codec import turboquant as tq
+    from promptvault.vault.vault import DEFAULT_CODEC
+
+    x = mx.random.normal((3, 1, 2, 700, 64), key=mx.random.key(3)).astype(mx.float16)
+    for spec in (DEFAULT_CODEC.keys, DEFAULT_CODEC.values):
+        enc = encode(x, spec)
+        whole = decode(enc)
+        assert enc.nbytes and x.size > tq._SPLIT_ABOVE
+        for layer in range(3):
+            alone = encode(x[layer], spec)
+            for name in enc.arrays:  # encoding in pieces: the same bytes as the layer alone
+                assert mx.array_equal(enc.arrays[name][layer], alone.arrays[name]).item(), name
+            assert mx.array_equal(whole[layer], decode(alone)).item()
+        assert mx.array_equal(decode(enc.slice_tokens(100, 650)), whole[..., 100:650, :]).item()

@@ -34,7 +34,7 @@ def _best(fn, reps: int) -> float:
     return best
 
 
-def cpu_table(dims=(64, 128, 256), heads: int = 4, tokens: int = 4096, layers: int = 8, reps: int = 3) -> list[dict]:
+def cpu_table(dims=(64, 128, 256), heads: int = 4, tokens: int = 2048, layers: int = 8, reps: int = 3) -> list[dict]:
     """Rows per (spec, head dim): encode and decode GB/s of a (1, heads, tokens, d) tensor, decode
     GB/s of `layers` such tensors stacked (layers, 1, heads, tokens, d), and whether each layer of
     the stacked decode is bit-identical to its own decode."""

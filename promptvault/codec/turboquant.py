@@ -154,7 +154,28 @@ def _token_mean(x: mx.array) -> mx.array:
 
 
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
-    """Coded arrays of x (..., T, d); see the module docstring for what they hold."""
+    """Coded arrays of x (..., T, d); see the module docstring for what they hold. A tensor of
+    many rows (e.g. every layer of a block stacked) is coded in cache-sized pieces of whole rows
+    (a row's mean and channel choice need all its tokens); each row's bytes do not depend on
+    the piece it falls in."""
+    lead, tokens, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
+    rows = 1
+    for n in lead:
+        rows *= n
+    per_rows = max(1, _PIECE // (tokens * dim))
+    if rows * tokens * dim <= _SPLIT_ABOVE or rows <= per_rows:
+        arrays = _encode_piece(x, spec)
+    else:
+        flat = x.reshape(rows, tokens, dim)
+        pieces = [_encode_piece(flat[r : r + per_rows], spec) for r in range(0, rows, per_rows)]
+        arrays = {name: mx.concatenate([p[name] for p in pieces], axis=0).reshape(*lead, *pieces[0][name].shape[-2:])
+                  for name in pieces[0]}
+    if spec.norm_bits == 16:
+        arrays.update(stored_norms(arrays["norms"]))  # one overflow check for the whole tensor
+    return arrays
+
+
+def _encode_piece(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     dim = x.shape[-1]
     values, mean = centered(x, spec)
     arrays = {} if mean is None else {"mean": mean}
@@ -170,7 +191,10 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         norms = mx.concatenate([norms_hi, norms_lo], axis=-1)
     else:
         arrays["codes"], norms = _code(values, spec.bits, spec.seed)
-    arrays.update(stored_norms(norms if spec.norm_bits == 8 else norms.astype(mx.float16)))
+    if spec.norm_bits == 8:
+        arrays.update(_log_norms(norms))
+    else:
+        arrays["norms"] = norms.astype(mx.float16)  # checked by encode_arrays
     return arrays
 
 
@@ -217,10 +241,42 @@ def _norm_values(arrays: dict[str, mx.array]) -> mx.array:
     return mx.where(norms > 0, values, 0.0)
 
 
+# Elements decoded (or encoded) per piece on the CPU: the pure-MLX path makes several passes over
+# float32 intermediates, which stay in the cache when a piece is this small (a stacked tensor of
+# every layer, decoded whole, runs several times slower than the same bytes in pieces).
+_PIECE = 1 << 15
+# Below this many elements the per-piece graph costs more than the cache saves.
+_SPLIT_ABOVE = 1 << 18
+
+
 def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     """Inverse of `encode_arrays`, in `dtype`. Any leading shape: a stacked (layers, batch,
-    heads, T, d) tensor decodes in one call. Every step is per vector with a fixed order of
-    operations, so a vector decodes to the same bits whatever is decoded with it."""
+    heads, T, d) tensor decodes in one call, in cache-sized pieces of rows and tokens. Every
+    step is per vector with a fixed order of operations, so a vector decodes to the same bits
+    whatever is decoded with it (and whichever piece it falls in)."""
+    codes = arrays["codes"]
+    lead, tokens = codes.shape[:-2], codes.shape[-2]
+    rows = 1
+    for n in lead:
+        rows *= n
+    if rows * tokens * dim <= _SPLIT_ABOVE:
+        return _decode_piece(arrays, spec, dim, dtype)
+    flat = {name: a.reshape(rows, a.shape[-2], a.shape[-1]) for name, a in arrays.items()}
+    per_rows = max(1, _PIECE // (tokens * dim))
+    per_tokens = tokens if per_rows > 1 else max(1, _PIECE // dim)
+    out = []
+    for r in range(0, rows, per_rows):
+        cols = []
+        for t in range(0, tokens, per_tokens):
+            piece = {name: a[r : r + per_rows, t : t + per_tokens] if a.shape[-2] == tokens and name in ("codes", "norms")
+                     else a[r : r + per_rows] for name, a in flat.items()}
+            cols.append(_decode_piece(piece, spec, dim, dtype))
+        out.append(cols[0] if len(cols) == 1 else mx.concatenate(cols, axis=-2))
+    whole = out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
+    return whole.reshape(*lead, tokens, dim)
+
+
+def _decode_piece(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     norms = _norm_values(arrays)
     if spec.outliers:
         k = arrays["channels"].shape[-1]
