@@ -11,7 +11,7 @@ export PYTHONPATH=/tmp/site:/tmp/pv
 cd /tmp
 S() { python3 -c 'from promptvault.cli import main; main()' bench speed --model random:llama3-8b --workdir /tmp "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm,clocks.mem --format=csv > $OUT/gpu.txt
-timeout ${T_KB:-300} python3 -m promptvault.bench.kernels ${KB_ARGS:---check --bench --restore --sweep} --out $OUT/kb.json > $OUT/kb.log 2>&1
+timeout ${T_KB:-300} python3 -c 'from promptvault.cli import main; main()' bench kernels ${KB_ARGS:---check --bench --restore --sweep} --out $OUT/kb.json > $OUT/kb.log 2>&1
 grep -E "check:|FAIL|copy|^\|" $OUT/kb.log | head -40
 [ -n "${SKIP_SPEED:-}" ] && exit 0
 S --lengths ${LENS:-4096,8192,16384,32768} --json > $OUT/speed-fused.json 2> $OUT/speed-fused.err &

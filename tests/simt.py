@@ -1,6 +1,6 @@
 """The fused kernels' CUDA source, run on the CPU: a stand-in for `mx.fast.cuda_kernel`.
 
-CI has no GPU, so the generated CUDA text itself (header and body, exactly as fused.py makes
+CI has no GPU, so the generated CUDA text itself (header and body, exactly as codec/kernels/ makes
 them) is compiled with the host C++ compiler against a small SIMT harness: every warp runs as 32
 threads that meet at a barrier in each shuffle and ballot, `blockIdx` / `threadIdx` are per-thread
 values, `__device__` tables are plain globals, float16 is `_Float16`. Outputs start filled with

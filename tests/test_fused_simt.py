@@ -12,7 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from promptvault.codec import CodecSpec, KVCodec, fused
+from promptvault.codec import CodecSpec, KVCodec, kernels
+from promptvault.codec.kernels import choice as kbackend, plan_source
 from promptvault.bench.kernels import _ulps
 from promptvault.codec.turboquant import decode_arrays, encode_arrays
 import simt  # tests/simt.py (pytest puts tests/ on sys.path)
@@ -27,15 +28,13 @@ def emulated_cuda(monkeypatch):
     """mx.fast.cuda_kernel replaced by the CPU harness; fresh kernel caches and selection."""
     monkeypatch.setattr(mx.fast, "cuda_kernel", simt.cuda_kernel, raising=False)
     monkeypatch.delenv("PROMPTVAULT_FUSED", raising=False)
-    monkeypatch.setattr(fused, "_DECODE_WARPS", 16)  # few warps, each looping over many items
-    fused._kernel.cache_clear()
-    fused._plan_kernel.cache_clear()
-    fused.reset()
+    monkeypatch.setattr(kernels.KNOBS, "warps", 16)  # few warps, each looping over many items
+    kernels.clear_kernels()
+    kernels.reset()
     simt.launches.clear()
     yield
-    fused._kernel.cache_clear()
-    fused._plan_kernel.cache_clear()
-    fused.reset()
+    kernels.clear_kernels()
+    kernels.reset()
 
 
 def _data(shape, dtype, seed):
@@ -54,16 +53,16 @@ def _max_ulps(have, want, dtype=mx.float16):
 
 def _decode(arrays, spec, dim, dtype, rowmap=None, n_rows=None):
     n = arrays["codes"].shape[-2]
-    rowmap = fused.identity_map(n) if rowmap is None else rowmap
-    return fused.decode_rows_with("cuda", [arrays], spec, dim, dtype, rowmap, n if n_rows is None else n_rows)
+    rowmap = kernels.identity_map(n) if rowmap is None else rowmap
+    return kernels.decode_rows_with("cuda", [arrays], spec, dim, dtype, rowmap, n if n_rows is None else n_rows)
 
 
 def test_harness_reproduces_the_h100_checked_plain_kernels():
     spec = CodecSpec(bits=3, center=True, norm_bits=8)
     x = _data((1, 2, 40, 128), mx.float16, 1)
     ref = encode_arrays(x, spec)
-    got = fused.encode_arrays_with("cuda", x, spec)
-    assert fused._codes_match(x, spec, ref["codes"], got["codes"])[0]
+    got = kernels.encode_arrays_with("cuda", x, spec)
+    assert kernels.codes_match(x, spec, ref["codes"], got["codes"])[0]
     assert _max_ulps(_decode(ref, spec, 128, mx.float16), decode_arrays(ref, spec, 128, mx.float16)) <= 1
     assert simt.launches == ["pv_encode_d128_b3_s0_c1_n8", "pv_decode_d128_b3_s0_c1_n8"]
 
@@ -94,7 +93,7 @@ def test_outlier_split_decode_rows_segments_and_zero_rows():
     rowmap = np.full((48, 2), -1, dtype=np.int32)
     rowmap[0:16, 0], rowmap[0:16, 1] = np.arange(24, 40), 1  # all of b first
     rowmap[20:44, 0], rowmap[20:44, 1] = np.arange(0, 24), 0  # then a, after 4 empty rows
-    out = fused.decode_rows_with("cuda", [a, b], spec, dim, mx.float16, rowmap, 48)
+    out = kernels.decode_rows_with("cuda", [a, b], spec, dim, mx.float16, rowmap, 48)
     assert _max_ulps(out[..., 0:16, :], db) <= 1
     assert _max_ulps(out[..., 20:44, :], da) <= 1
     zeros = np.array(out[..., 16:20, :].astype(mx.float32)), np.array(out[..., 44:, :].astype(mx.float32))
@@ -107,9 +106,9 @@ def test_outlier_split_decode_rows_segments_and_zero_rows():
 def test_plan_kernel_variants_decode_like_the_reference(monkeypatch, unroll, max_e, dim, spec):
     """The speed variants (PROMPTVAULT_DECODE_V2 for plain specs: loop over items, unrolled
     loads, vector stores, word loads; not yet measured on a GPU)."""
-    monkeypatch.setattr(fused, "_DECODE_V2", True)
-    monkeypatch.setattr(fused, "_DECODE_UNROLL", unroll)
-    monkeypatch.setattr(fused, "_CONTIGUOUS_MAX_E", max_e)
+    monkeypatch.setattr(kernels.KNOBS, "decode_v2", True)
+    monkeypatch.setattr(kernels.KNOBS, "unroll", unroll)
+    monkeypatch.setattr(kernels.KNOBS, "contiguous_max_e", max_e)
     x = _data((1, 2, 24, dim), mx.float16, 7)
     ref = encode_arrays(x, spec)
     assert _max_ulps(_decode(ref, spec, dim, mx.float16), decode_arrays(ref, spec, dim, mx.float16)) <= 1
@@ -121,15 +120,29 @@ def test_outlier_split_encode_matches_the_reference(dtype):
     dim, spec = 128, K_DEFAULT
     x = _data((1, 2, 48, dim), dtype, 9)
     ref = encode_arrays(x, spec)
-    got = fused.encode_arrays_with("cuda", x, spec)
+    got = kernels.encode_arrays_with("cuda", x, spec)
     assert set(got) == set(ref)
-    ok, why = fused._codes_match(x, spec, ref["codes"], got["codes"], ref["channels"], got["channels"])
+    ok, why = kernels.codes_match(x, spec, ref["codes"], got["codes"], ref["channels"], got["channels"])
     assert ok, why
     assert mx.array_equal(got["mean"], ref["mean"]).item()
     same = np.array((ref["codes"] == got["codes"]).all(axis=-1))
     steps = np.abs(np.array(ref["norms"]).astype(int) - np.array(got["norms"]).astype(int))
     assert steps[same].max() <= 1
-    assert {"pv_encode_d32_b6_s0_c0_n8", "pv_encode_d96_b4_s0_c0_n8"} <= set(simt.launches)
+    # both parts in one launch, reading x through the channel order (no gathered copy first)
+    assert simt.launches == ["pv_encode_d32b6_d96b4_s0_c1_n8"]
+
+
+def test_outlier_split_encode_of_many_heads_and_float16_norms():
+    """Several heads with different channel choices, and a split without centering with float16
+    norms: each vector's parts land at their byte offsets and norm indices."""
+    spec = CodecSpec(bits=2, outliers=0.25, outlier_bits=4)
+    x = _data((3, 4, 37, 256), mx.float32, 5)
+    ref = encode_arrays(x, spec)
+    got = kernels.encode_arrays_with("cuda", x, spec)
+    ok, why = kernels.codes_match(x, spec, ref["codes"], got["codes"], ref["channels"], got["channels"])
+    assert ok, why
+    assert mx.allclose(got["norms"].astype(mx.float32), ref["norms"].astype(mx.float32), rtol=1e-3, atol=0).item()
+    assert simt.launches == ["pv_encode_d64b4_d192b2_s0_c0_n16"]
 
 
 def test_codes_match_judges_each_part_of_the_split():
@@ -137,38 +150,38 @@ def test_codes_match_judges_each_part_of_the_split():
     x = _data((1, 1, 16, dim), mx.float32, 11)
     ref = encode_arrays(x, spec)
     codes, ch = ref["codes"], ref["channels"]
-    assert fused._codes_match(x, spec, codes, codes, ch, ch) == (True, "identical")
+    assert kernels.codes_match(x, spec, codes, codes, ch, ch) == (True, "identical")
     for byte in (3, 40):  # one in the outlier part, one in the other
         changed = np.array(codes)
         changed[0, 0, 5, byte] ^= 0x10
-        assert not fused._codes_match(x, spec, codes, mx.array(changed), ch, ch)[0]
+        assert not kernels.codes_match(x, spec, codes, mx.array(changed), ch, ch)[0]
     other = np.array(ch)
     other[0, 0, 0, 0] = (int(other[0, 0, 0, 0]) + 1) % dim
-    assert fused._codes_match(x, spec, codes, codes, ch, mx.array(other)) == (False, "outlier channels differ")
+    assert kernels.codes_match(x, spec, codes, codes, ch, mx.array(other)) == (False, "outlier channels differ")
 
 
 def test_config_check_passes_and_use_fused_takes_the_split(monkeypatch):
-    monkeypatch.setattr(fused, "backend", lambda: "cuda")
-    assert fused.config_check("cuda", K_DEFAULT, 128, mx.float16) == (True, "ok")
+    monkeypatch.setattr(kbackend, "backend", lambda: "cuda")
+    assert kernels.config_check("cuda", K_DEFAULT, 128, mx.float16) == (True, "ok")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert fused.use_fused(K_DEFAULT, 128, mx.float16) == "cuda"
+        assert kernels.use_fused(K_DEFAULT, 128, mx.float16) == "cuda"
 
 
 def test_a_wrong_plan_kernel_fails_its_check_and_the_reference_is_used(monkeypatch):
-    monkeypatch.setattr(fused, "backend", lambda: "cuda")
-    real = fused._decode_tables
+    monkeypatch.setattr(kbackend, "backend", lambda: "cuda")
+    real = plan_source.decode_tables
 
     def wrong_sign(p, cfg):  # the first sign of each part's table flipped
         return real(p, cfg).replace(f"pv_sign{p}[{cfg.dim}] = {{", f"pv_sign{p}[{cfg.dim}] = {{-1.0f * ", 1)
 
-    monkeypatch.setattr(fused, "_decode_tables", wrong_sign)
+    monkeypatch.setattr(plan_source, "decode_tables", wrong_sign)
     with pytest.warns(RuntimeWarning, match="failed its check against the reference"):
-        assert fused.use_fused(K_DEFAULT, 128, mx.float16) is None
+        assert kernels.use_fused(K_DEFAULT, 128, mx.float16) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # decided once per config: no second warning
-        assert fused.use_fused(K_DEFAULT, 128, mx.float16) is None
-    assert fused.use_fused(CodecSpec(bits=3), 128, mx.float16) == "cuda"  # the checked plain kernel is unaffected
+        assert kernels.use_fused(K_DEFAULT, 128, mx.float16) is None
+    assert kernels.use_fused(CodecSpec(bits=3), 128, mx.float16) == "cuda"  # the checked plain kernel is unaffected
 
 
 def test_restore_with_the_default_codec_goes_through_the_kernels(monkeypatch):
@@ -189,20 +202,20 @@ def test_restore_with_the_default_codec_goes_through_the_kernels(monkeypatch):
                                _data((1, 2, end - start, 128), mx.float16, 100 * layer + start + 2))
         payloads.append(caches.encode_block(cache, start, end, DEFAULT_CODEC))
     restored = {}
-    monkeypatch.setattr(fused, "_platform", lambda: "cuda")
+    monkeypatch.setattr(kbackend, "_platform", lambda: "cuda")
     for mode in ("0", "1"):
         monkeypatch.setenv("PROMPTVAULT_FUSED", mode)
-        fused.reset()
+        kernels.reset()
         if mode == "1":
-            assert fused.use_fused(DEFAULT_CODEC.keys, 128, mx.float16) == "cuda"  # its check runs here
+            assert kernels.use_fused(DEFAULT_CODEC.keys, 128, mx.float16) == "cuda"  # its check runs here
         simt.launches.clear()
         restored[mode] = caches.restore_cache(None, payloads, n - 3)
-        kernels = [k for k in simt.launches if "decode" in k]
+        launched = [k for k in simt.launches if "decode" in k]
         if mode == "1":  # one launch per layer for keys (plan kernel) and one for values
-            assert sum(k.startswith("pv_pdecode_") for k in kernels) == 2
-            assert sum(k.startswith("pv_decode_d128_b3") for k in kernels) == 2
+            assert sum(k.startswith("pv_pdecode_") for k in launched) == 2
+            assert sum(k.startswith("pv_decode_d128_b3") for k in launched) == 2
         else:
-            assert kernels == []
+            assert launched == []
     for ref, got in zip(restored["0"], restored["1"]):
         assert ref.offset == got.offset and ref.keys.shape == got.keys.shape
         assert _max_ulps(got.keys[..., : ref.offset, :], ref.keys[..., : ref.offset, :]) <= 1
@@ -214,18 +227,18 @@ def test_restore_with_the_default_codec_goes_through_the_kernels(monkeypatch):
 def test_bench_kernels_check_bench_and_sweep_run(monkeypatch):
     """The GPU bench's own code (python -m promptvault.bench.kernels), run small on the harness,
     so a device run is not spent on a bug in it."""
-    from promptvault.bench import kernels
+    from promptvault.bench import kernels as kbench
 
-    monkeypatch.setattr(fused, "_platform", lambda: "cuda")
-    monkeypatch.setattr(kernels, "_CHECK_SHAPE", (1, 2, 16))
-    monkeypatch.setattr(kernels, "_time", lambda fn, reps=7: (mx.eval(fn()), 1e-3)[1])
-    rows = kernels.check(dims=(128,), bits_list=(3,), dtypes=(mx.float16,))
+    monkeypatch.setattr(kbackend, "_platform", lambda: "cuda")
+    monkeypatch.setattr(kbench, "_CHECK_SHAPE", (1, 2, 16))
+    monkeypatch.setattr(kbench, "_time", lambda fn, reps=7: (mx.eval(fn()), 1e-3)[1])
+    rows = kbench.check(dims=(128,), bits_list=(3,), dtypes=(mx.float16,))
     assert len(rows) == 2 + 3 * 2 and all(r["pass"] for r in rows), [r for r in rows if not r["pass"]]
     assert sum(r["outliers"] > 0 for r in rows) == 6
-    result = kernels.bench(dims=(128,), bits_list=(3,), elements=2**16)
-    table = kernels.format_bench(result)
+    result = kbench.bench(dims=(128,), bits_list=(3,), elements=2**16)
+    table = kbench.format_bench(result)
     assert "| tq3 | 128 |" in table and "| K default | 128 |" in table and "| V default | 256 |" in table
-    sweep = kernels.sweep(elements=2**15, settings=[(None, None, None), (16, 2, 8)],
+    sweep = kbench.sweep(elements=2**15, settings=[(None, None, None), (16, 2, 8)],
                           specs=[(128, CodecSpec(bits=3)), (128, K_DEFAULT)])
     assert not [r for r in sweep if "error" in r] and all(r["max_ulps"] <= 1 for r in sweep)
     assert {r["kernel"] for r in sweep} == {"v1", "plan"}

@@ -1,7 +1,7 @@
 """Fused kernels vs the pure-MLX reference on a GPU: correctness, then encode/decode GB/s next to
-the measured copy bandwidth.
+the measured copy bandwidth (`promptvault bench kernels`; its --cpu table is bench/kernels_cpu.py).
 
-    python -m promptvault.bench.kernels --check --bench --restore --out DIR
+    promptvault bench kernels --check --bench --restore --out kb.json
 
 --check   per bits 1–4, head dim 64/96/128/256, dtype float16/bfloat16, plain and centered with
           8-bit norms, and outlier splits (share 0.25; K4/6, K3/6, K2/4 bits; centered with 8-bit
@@ -17,23 +17,26 @@ the measured copy bandwidth.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 import time
 
 import mlx.core as mx
 import numpy as np
 
-from promptvault.codec import CodecSpec, fused
+from promptvault.codec import CodecSpec, kernels
 from promptvault.codec.turboquant import decode_arrays, encode_arrays
 
 
+class NoKernels(RuntimeError):
+    """The GPU parts of the bench were asked for where no fused backend runs."""
+
+
 def _lang() -> str:
-    lang = fused.backend()
+    lang = kernels.backend()
     if lang == "reference":
-        raise SystemExit("no fused backend on this device (needs MLX's CUDA backend or Metal)")
+        raise NoKernels("no fused backend on this device (needs MLX's CUDA backend or Metal); "
+                        "--cpu measures the pure-MLX codec")
     return lang
 
 
@@ -74,7 +77,7 @@ def _cases(dims, bits_list, dtypes):
     for dim in dims:
         for bits, ob in _OUTLIER_CASES:
             spec = CodecSpec(bits=bits, seed=3, center=True, norm_bits=8, outliers=0.25, outlier_bits=ob)
-            if fused.supports(spec, dim, mx.float16):
+            if kernels.supports(spec, dim, mx.float16):
                 for dtype in dtypes:
                     yield dim, dtype, spec
                 yield dim, mx.float16, CodecSpec(bits=bits, seed=3, outliers=0.25, outlier_bits=ob)
@@ -101,12 +104,12 @@ _CHECK_SHAPE = (4, 8, 1024)  # batch, heads, tokens of each --check case
 def _check_case(lang, dim, dtype, spec, seed) -> dict:
     x = _data((*_CHECK_SHAPE, dim), dtype, seed)
     ref = encode_arrays(x, spec)
-    got = fused.encode_arrays_with(lang, x, spec)
+    got = kernels.encode_arrays_with(lang, x, spec)
     mx.eval(ref, got)
     if set(got) != set(ref):
         raise ValueError(f"encode arrays {sorted(got)} != {sorted(ref)}")
     rc, gc = np.array(ref["codes"]), np.array(got["codes"])
-    ok, why = fused._codes_match(x, spec, ref["codes"], got["codes"], ref.get("channels"), got.get("channels"))
+    ok, why = kernels.codes_match(x, spec, ref["codes"], got["codes"], ref.get("channels"), got.get("channels"))
     same = (rc == gc).all(axis=-1).reshape(-1)  # vectors whose codes all match
     if spec.norm_bits == 16:  # positive float16: bit patterns order like values
         rn = np.array(ref["norms"]).view(np.uint16).astype(np.int64)
@@ -116,8 +119,8 @@ def _check_case(lang, dim, dtype, spec, seed) -> dict:
     steps = np.abs(rn - gn).reshape(same.size, -1)[same]
     n = x.shape[-2]
     want = decode_arrays(ref, spec, dim, dtype)
-    have = fused.decode_rows_with(lang, [ref], spec, dim, dtype, fused.identity_map(n), n)
-    own = fused.decode_rows_with(lang, [got], spec, dim, dtype, fused.identity_map(n), n)
+    have = kernels.decode_rows_with(lang, [ref], spec, dim, dtype, kernels.identity_map(n), n)
+    own = kernels.decode_rows_with(lang, [got], spec, dim, dtype, kernels.identity_map(n), n)
     xf = x.astype(mx.float32)
     err_ref = float((mx.sum((want.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
     err_fused = float((mx.sum((own.astype(mx.float32) - xf) ** 2) / mx.sum(xf * xf)).item())
@@ -177,22 +180,22 @@ def bench(dims=(64, 128, 256), bits_list=(2, 3, 4), elements=2**27) -> dict:
         mx.eval(ref)
         coded = _nbytes(ref)
         row = {"dim": dim, "bits": spec.bits, "codec": name, "spec": str(spec),
-               "fused": fused.supports(spec, dim, mx.float16), "tensor_MB": x.nbytes / 1e6, "coded_MB": coded / 1e6}
+               "fused": kernels.supports(spec, dim, mx.float16), "tensor_MB": x.nbytes / 1e6, "coded_MB": coded / 1e6}
         t = _time(lambda: encode_arrays(x, spec))
         row["encode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
         t = _time(lambda: decode_arrays(ref, spec, dim, mx.float16))
         row["decode_ref_GBs"] = (x.nbytes + coded) / t / 1e9
         if row["fused"]:
             t0 = time.perf_counter()
-            mx.eval(fused.encode_arrays_with(lang, x, spec))
+            mx.eval(kernels.encode_arrays_with(lang, x, spec))
             row["encode_fused_first_call_s"] = time.perf_counter() - t0
-            t = _time(lambda: fused.encode_arrays_with(lang, x, spec))
+            t = _time(lambda: kernels.encode_arrays_with(lang, x, spec))
             row["encode_fused_GBs"] = (x.nbytes + coded) / t / 1e9
-            idm = fused.identity_map(n)
+            idm = kernels.identity_map(n)
             t0 = time.perf_counter()
-            mx.eval(fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
+            mx.eval(kernels.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
             row["decode_fused_first_call_s"] = time.perf_counter() - t0
-            t = _time(lambda: fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
+            t = _time(lambda: kernels.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
             row["decode_fused_GBs"] = (x.nbytes + coded) / t / 1e9
             row["decode_fused_vs_copy"] = row["decode_fused_GBs"] / copy
         rows.append(row)
@@ -216,7 +219,8 @@ def sweep(elements=2**27, settings=None, specs=None) -> list[dict]:
     lang = _lang()
     rows = []
     settings = SWEEP_SETTINGS if settings is None else settings
-    saved = (fused._DECODE_V2, fused._DECODE_WARPS, fused._DECODE_UNROLL, fused._CONTIGUOUS_MAX_E)
+    knobs = kernels.KNOBS
+    saved = (knobs.decode_v2, knobs.warps, knobs.unroll, knobs.contiguous_max_e)
     try:
         for dim, spec in (_sweep_specs() if specs is None else specs):
             x = _data((32, 8, elements // (256 * dim), dim), mx.float16, dim)
@@ -225,22 +229,22 @@ def sweep(elements=2**27, settings=None, specs=None) -> list[dict]:
             want = decode_arrays(ref, spec, dim, mx.float16)
             mx.eval(ref, want)
             nbytes = x.nbytes + _nbytes(ref)
-            idm = fused.identity_map(n)
+            idm = kernels.identity_map(n)
             for w, u, e in settings:
                 if w is None:
                     if spec.outliers:
                         continue  # no plain kernel for the split
-                    fused._DECODE_V2 = False
+                    knobs.decode_v2 = False
                 else:
-                    fused._DECODE_V2, fused._DECODE_WARPS, fused._DECODE_UNROLL, fused._CONTIGUOUS_MAX_E = True, w, u, e
-                fused._plan_kernel.cache_clear()
+                    knobs.decode_v2, knobs.warps, knobs.unroll, knobs.contiguous_max_e = True, w, u, e
+                kernels.clear_kernels()
                 row = {"dim": dim, "spec": str(spec), "kernel": "v1" if w is None else "plan",
                        "warps": w, "unroll": u, "contiguous_max_e": e}
                 try:
-                    have = fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n)
+                    have = kernels.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n)
                     row["max_ulps"] = _ulps(have, want, mx.float16)
                     del have
-                    t = _time(lambda: fused.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
+                    t = _time(lambda: kernels.decode_rows_with(lang, [ref], spec, dim, mx.float16, idm, n))
                     row["decode_fused_GBs"] = nbytes / t / 1e9
                 except Exception as err:
                     row["error"] = f"{type(err).__name__}: {err}"[:2000]
@@ -248,8 +252,8 @@ def sweep(elements=2**27, settings=None, specs=None) -> list[dict]:
                 print(json.dumps(row), flush=True)
             del x, ref, want
     finally:
-        fused._DECODE_V2, fused._DECODE_WARPS, fused._DECODE_UNROLL, fused._CONTIGUOUS_MAX_E = saved
-        fused._plan_kernel.cache_clear()
+        knobs.decode_v2, knobs.warps, knobs.unroll, knobs.contiguous_max_e = saved
+        kernels.clear_kernels()
     return rows
 
 
@@ -279,11 +283,11 @@ def restore_check() -> list[dict]:
             outs = {}
             for mode in ("1", "0"):
                 os.environ["PROMPTVAULT_FUSED"] = mode
-                fused.reset()
+                kernels.reset()
                 restored = caches.restore_cache(None, payloads, n - 3)
                 outs[mode] = [(c.keys, c.values, c.offset) for c in restored]
             os.environ.pop("PROMPTVAULT_FUSED")
-            fused.reset()
+            kernels.reset()
             worst = 0.0
             same_shape = True
             for (k1, v1, o1), (k0, v0, o0) in zip(outs["1"], outs["0"]):
@@ -310,43 +314,25 @@ def format_bench(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true")
-    ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--restore", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="decode GB/s under the kernel's tuning knobs")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--dims", default="64,96,128,256", help="head dims for --check")
-    ap.add_argument("--bits", default="1,2,3,4", help="bit widths for --check")
-    ap.add_argument("--dtypes", default="float16,bfloat16", help="dtypes for --check")
-    args = ap.parse_args(argv)
-    result = {"device": str(mx.default_device()), "backend": fused.backend(), "mlx": mx.__version__,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+def run(check_: bool, bench_: bool, restore: bool, sweep_: bool, dims: list[int], bits: list[int],
+        dtypes: list) -> tuple[dict, bool]:
+    """The GPU parts asked for: (result, failed). Progress rows go to stdout as JSON lines."""
+    result = {}
     failed = False
-    if args.sweep:
+    if sweep_:
         result["sweep"] = sweep()
-    if args.bench:
+    if bench_:
         result["bench"] = bench()
         print(format_bench(result["bench"]))
-    if args.check:
-        result["check"] = check(dims=[int(d) for d in args.dims.split(",")],
-                                bits_list=[int(b) for b in args.bits.split(",")],
-                                dtypes=[getattr(mx, t) for t in args.dtypes.split(",")])
+    if check_:
+        result["check"] = check(dims=dims, bits_list=bits, dtypes=dtypes)
         failed |= not all(r["pass"] for r in result["check"])
-    if args.restore:
+    if restore:
         result["restore"] = restore_check()
         failed |= not all(r["pass"] for r in result["restore"])
-    if args.check:
+    if check_:
         bad = [r for r in result["check"] if not r["pass"]]
         print(f"check: {len(result['check']) - len(bad)}/{len(result['check'])} cases pass")
         for r in bad:
             print("FAIL", json.dumps(r))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return result, failed

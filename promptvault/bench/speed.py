@@ -262,12 +262,12 @@ def environment() -> dict:
         except md.PackageNotFoundError:
             return None
 
-    from promptvault.codec import fused
+    from promptvault.codec import kernels
 
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
             "processor": platform.processor() or platform.platform(), "cpus": os.cpu_count(),
             "device": str(mx.default_device()), "mlx": mx.__version__, "mlx_lm": version("mlx-lm"),
-            "fused_kernels": fused.backend()}
+            "fused_kernels": kernels.backend()}
 
 
 def run_speed_bench(model: str, lengths: list[int], *, seed: int = 0, workdir: str | None = None,

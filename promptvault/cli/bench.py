@@ -131,3 +131,69 @@ def index_cmd(chunks, workdir, as_json):
 
     result = run_index_bench(chunks, workdir=workdir)
     click.echo(json.dumps(result, indent=1) if as_json else index_table(result))
+
+
+@bench.command("kernels")
+@click.option("--check", "check_", is_flag=True, help="GPU: every kernel case against the pure-MLX reference.")
+@click.option("--bench", "bench_", is_flag=True, help="GPU: encode/decode GB/s, reference and fused, next to a copy.")
+@click.option("--restore", is_flag=True, help="GPU: restore_cache through the kernels vs the reference.")
+@click.option("--sweep", "sweep_", is_flag=True, help="GPU: decode GB/s under the plan kernel's tuning knobs.")
+@click.option("--cpu", "cpu", is_flag=True,
+              help="The pure-MLX codec on the CPU: default K/V specs, per head dim, one layer and stacked layers.")
+@click.option("--dims", default="64,96,128,256", show_default=True, help="Head dims for --check.")
+@click.option("--bits", default="1,2,3,4", show_default=True, help="Bit widths for --check.")
+@click.option("--dtypes", default="float16,bfloat16", show_default=True, help="Dtypes for --check.")
+@click.option("--cpu-dims", default="64,128,256", show_default=True, help="Head dims for --cpu.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Also write the result as JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (progress rows still stream).")
+def kernels_cmd(check_, bench_, restore, sweep_, cpu, dims, bits, dtypes, cpu_dims, out, as_json):
+    """Fused GPU kernels vs the pure-MLX reference (correctness, GB/s), and the pure-MLX codec's
+    GB/s on the CPU. With no option: --check --bench on a GPU, --cpu elsewhere. Exit 1 when a
+    check fails.
+
+    Example: promptvault bench kernels --check --bench --restore --cpu --out kb.json
+    """
+    import time
+
+    import mlx.core as mx
+
+    from promptvault.codec import kernels
+
+    try:
+        dim_list = [int(d) for d in dims.split(",")]
+        bit_list = [int(b) for b in bits.split(",")]
+        cpu_dim_list = [int(d) for d in cpu_dims.split(",")]
+        dtype_list = [getattr(mx, t.strip()) for t in dtypes.split(",")]
+    except (ValueError, AttributeError):
+        raise click.BadParameter("expected comma-separated integers (dims, bits) and MLX dtype names")
+    if not (check_ or bench_ or restore or sweep_ or cpu):
+        if kernels.backend() == "reference":
+            cpu = True
+        else:
+            check_ = bench_ = True
+    result = {"device": str(mx.default_device()), "backend": kernels.backend(), "mlx": mx.__version__,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    failed = False
+    if check_ or bench_ or restore or sweep_:
+        from promptvault.bench.kernels import NoKernels, run
+
+        try:
+            gpu, failed = run(check_, bench_, restore, sweep_, dim_list, bit_list, dtype_list)
+        except NoKernels as err:
+            raise click.ClickException(str(err))
+        result.update(gpu)
+    if cpu:
+        from promptvault.bench.kernels_cpu import cpu_table, format_cpu_table, machine_load
+
+        load = machine_load()
+        result["cpu"] = {"load_average": load, "rows": cpu_table(dims=cpu_dim_list)}
+        failed |= not all(r["stacked_bit_identical"] for r in result["cpu"]["rows"])
+        if not as_json:
+            click.echo(format_cpu_table(result["cpu"]["rows"], load))
+    if out:
+        with open(out, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    if as_json:
+        click.echo(json.dumps(result, indent=1, default=str))
+    if failed:
+        raise SystemExit(1)

@@ -11,7 +11,7 @@ import numpy as np
 from promptvault.codec.encoded import DTYPE_NAMES, Encoded
 from promptvault.codec.spec import LOSSLESS, CodecSpec, KVCodec
 from promptvault.codec.turboquant import decode_arrays, encode_arrays
-from promptvault.codec import fused as _fused  # noqa: E402  (after the modules it uses)
+from promptvault.codec import kernels  # noqa: E402  (after the modules it uses)
 
 __all__ = ["CodecSpec", "KVCodec", "LOSSLESS", "Encoded", "encode", "decode", "bytes_per_vector"]
 
@@ -34,8 +34,8 @@ def encode(x: mx.array, spec: CodecSpec) -> Encoded:
     _check_input(x)
     if spec.lossless:
         arrays = {"data": x}
-    elif lang := _fused.use_fused(spec, x.shape[-1], x.dtype, x.size):
-        arrays = _fused.encode_arrays_with(lang, x, spec)  # one GPU pass (codec/fused.py)
+    elif lang := kernels.use_fused(spec, x.shape[-1], x.dtype, x.size):
+        arrays = kernels.encode_arrays_with(lang, x, spec)  # one GPU pass (codec/kernels/)
     else:
         arrays = encode_arrays(x, spec)
     return Encoded(spec=spec, shape=tuple(x.shape), dtype=x.dtype, arrays=arrays)
@@ -46,10 +46,10 @@ def decode(enc: Encoded) -> mx.array:
     if enc.spec.lossless:
         return enc.arrays["data"]
     dim = enc.shape[-1]
-    lang = _fused.use_fused(enc.spec, dim, enc.dtype, int(np.prod(enc.shape)))
-    if lang and _fused.arrays_fit(enc.arrays, enc.spec, dim):
-        return _fused.decode_rows_with(lang, [enc.arrays], enc.spec, dim, enc.dtype,
-                                       _fused.identity_map(enc.tokens), enc.tokens)
+    lang = kernels.use_fused(enc.spec, dim, enc.dtype, int(np.prod(enc.shape)))
+    if lang and kernels.arrays_fit(enc.arrays, enc.spec, dim):
+        return kernels.decode_rows_with(lang, [enc.arrays], enc.spec, dim, enc.dtype,
+                                        kernels.identity_map(enc.tokens), enc.tokens)
     return decode_arrays(enc.arrays, enc.spec, dim, enc.dtype)
 
 

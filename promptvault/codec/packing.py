@@ -6,15 +6,47 @@ and sums), and packs each vector on its own, so a range of tokens can be sliced 
 array without re-packing.
 """
 
+from functools import lru_cache
+
 import mlx.core as mx
 
-_BIT_WEIGHTS = mx.array([1 << i for i in range(8)], dtype=mx.uint32)
 _SHIFTS = mx.arange(8, dtype=mx.uint8)
 
 
 def packed_width(n: int, bits: int) -> int:
     """Bytes that n codes of `bits` bits take."""
     return bits * ((n + 7) // 8)
+
+
+# Both directions are one compiled elementwise pass each: the sums over bit-planes (pack: over
+# the 8 codes of a byte) are written out term by term instead of as reductions, so MLX fuses
+# the shifts, masks and adds into a single loop over the data (on the CPU, several times faster
+# than materialising the (..., bits, groups, 8) intermediate and reducing it).
+
+
+@lru_cache(maxsize=None)
+def _pack_fn(bits: int):
+    def pack(groups: mx.array) -> mx.array:  # (..., groups, 8) uint8 codes -> (..., bits, groups)
+        planes = []
+        for q in range(bits):
+            byte = (groups[..., 0] >> q) & 1
+            for i in range(1, 8):
+                byte = byte | (((groups[..., i] >> q) & 1) << i)
+            planes.append(byte)
+        return mx.stack(planes, axis=-2)
+
+    return mx.compile(pack)
+
+
+@lru_cache(maxsize=None)
+def _unpack_fn(bits: int):
+    def unpack(planes: mx.array) -> mx.array:  # (..., bits, groups, 1) -> (..., groups, 8)
+        codes = (planes[..., 0, :, :] >> _SHIFTS) & 1
+        for q in range(1, bits):
+            codes = codes | (((planes[..., q, :, :] >> _SHIFTS) & 1) << q)
+        return codes
+
+    return mx.compile(unpack)
 
 
 def pack_bits(codes: mx.array, bits: int) -> mx.array:
@@ -25,11 +57,7 @@ def pack_bits(codes: mx.array, bits: int) -> mx.array:
         codes = mx.pad(codes, [(0, 0)] * (codes.ndim - 1) + [(0, pad)])
     lead = codes.shape[:-1]
     groups = codes.shape[-1] // 8
-    plane_shifts = mx.arange(bits, dtype=mx.uint8)
-    # (..., bits, n) bit-planes, then 8 neighbouring bits of a plane into one byte.
-    planes = (mx.expand_dims(codes, -2) >> plane_shifts[:, None]) & 1
-    planes = planes.reshape(*lead, bits, groups, 8).astype(mx.uint32)
-    packed = (planes * _BIT_WEIGHTS).sum(axis=-1).astype(mx.uint8)
+    packed = _pack_fn(bits)(codes.reshape(*lead, groups, 8))
     return packed.reshape(*lead, bits * groups)
 
 
@@ -37,8 +65,5 @@ def unpack_bits(packed: mx.array, bits: int, n: int) -> mx.array:
     """Inverse of `pack_bits`: (..., bits * ceil(n/8)) uint8 → (..., n) uint8 codes."""
     lead = packed.shape[:-1]
     groups = packed.shape[-1] // bits
-    planes = (packed.reshape(*lead, bits, groups, 1) >> _SHIFTS) & 1
-    planes = planes.reshape(*lead, bits, groups * 8)
-    plane_shifts = mx.arange(bits, dtype=mx.uint8)
-    codes = (planes << plane_shifts[:, None]).sum(axis=-2).astype(mx.uint8)
-    return codes[..., :n]
+    codes = _unpack_fn(bits)(packed.reshape(*lead, bits, groups, 1)).reshape(*lead, groups * 8)
+    return codes if groups * 8 == n else codes[..., :n]

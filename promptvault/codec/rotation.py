@@ -69,55 +69,73 @@ def random_signs(dim: int, seed: int) -> np.ndarray:
 def rotate(unit: mx.array, signs: mx.array) -> mx.array:
     """Orthonormal rotation of the last axis (one supported block): H · diag(signs) / sqrt(n)."""
     n = unit.shape[-1]
-    return mx.hadamard_transform(unit * signs, scale=1.0 / float(np.sqrt(n)))
+    if _is_power_of_two(n):
+        return mx.hadamard_transform(unit * signs, scale=1.0 / float(np.sqrt(n)))
+    return _kronecker_transform(unit * signs, n, transposed=False)
 
 
-@lru_cache(maxsize=None)
-def _self_inverse(n: int) -> bool:
-    """True when the normalised Hadamard matrix of size n is symmetric, i.e. its own inverse.
-
-    Row i of the transform of the identity is the transform of e_i, so transform(x) = x @ F with
-    F = transform(I); the inverse is y @ Fᵀ, which is the transform itself only when F = Fᵀ.
-    """
-    forward = mx.hadamard_transform(mx.eye(n), scale=1.0 / float(np.sqrt(n)))
-    return bool(mx.array_equal(forward, forward.T).item())
+def _is_power_of_two(n: int) -> bool:
+    return n & (n - 1) == 0
 
 
 @lru_cache(maxsize=None)
 def _kronecker_parts(n: int) -> tuple[np.ndarray, int]:
     """n = m·k with k a power of two and m the base of mx.hadamard_transform's matrix; that
-    transform (scaled by 1/sqrt(n), its default) is x @ kron(H_m, H_k) with each factor scaled by
-    1/sqrt of its size. Returns (that H_m, k)."""
+    transform is x @ kron(H_m, H_k) / sqrt(n) with ±1 matrices. Returns (that ±1 H_m, k)."""
     for m in _HADAMARD_BASES[::-1]:
         k = n // m
         if m > 1 and n % m == 0 and k & (k - 1) == 0:
-            return np.array(mx.hadamard_transform(mx.eye(m))), k
+            with mx.stream(mx.cpu):
+                return np.rint(np.array(mx.hadamard_transform(mx.eye(m), scale=1.0))).astype(np.int64), k
     raise ValueError(f"{n} has no Hadamard base in {_HADAMARD_BASES}")
 
 
-def _transposed_transform(rotated: mx.array, n: int) -> mx.array:
-    """rotated @ kron(H_m, H_k)ᵀ (the normalised transform's inverse) without a matrix product:
-    H_k is symmetric, so its part is mx.hadamard_transform over k, and H_mᵀ (m ≤ 28) is applied
-    as a fixed sequence of m scaled additions. A BLAS product here (OpenBLAS on Linux) rounded each vector differently
-    depending on how many vectors came with it, so a restore's bits depended on what else it read;
-    this order is the same for every vector."""
+def _kronecker_transform(x: mx.array, n: int, transposed: bool) -> mx.array:
+    """x @ kron(H_m, H_k) / sqrt(n) (mx.hadamard_transform's own matrix), or its transpose (the
+    inverse), for n = m·k: H_k (symmetric) as unscaled butterflies over k
+    (mx.hadamard_transform), H_m (m ≤ 28) as a fixed sequence of ±1 additions, then one scale,
+    as the GPU kernels do. The m-axis goes first (one copy) so each term is a contiguous array
+    and MLX fuses the additions into one contiguous pass (strided or broadcast operands take a
+    slow indexed loop on the CPU). The order of operations is the same for every vector: a BLAS
+    product here (OpenBLAS on Linux) rounded each vector differently depending on how many
+    vectors came with it, so a restore's bits depended on what else it read."""
     hm, k = _kronecker_parts(n)
-    y = rotated.reshape(*rotated.shape[:-1], hm.shape[0], k)
+    m = hm.shape[0]
+    y = x.reshape(*x.shape[:-1], m, k)
     if k > 1:
-        y = mx.hadamard_transform(y)
-    acc = None
-    for a in range(hm.shape[0]):
-        term = y[..., a : a + 1, :] * mx.array(hm[:, a : a + 1].astype(np.float32), dtype=y.dtype)
-        acc = term if acc is None else acc + term
-    return acc.reshape(rotated.shape)
+        y = mx.hadamard_transform(y, scale=1.0)
+    y = mx.contiguous(mx.moveaxis(y, -2, 0))
+    outs = _combiner(n, transposed)(*[y[a] for a in range(m)])
+    return mx.stack(outs, axis=-2).reshape(x.shape)
+
+
+@lru_cache(maxsize=None)
+def _combiner(n: int, transposed: bool):
+    """Compiled: m arrays y[a] → m arrays out[b] = (sum_a ±y[a]) / sqrt(n), the signs H[a, b]
+    (H[b, a] transposed)."""
+    hm, _ = _kronecker_parts(n)
+    m = hm.shape[0]
+    scale = float(1.0 / np.sqrt(n))
+
+    def combine(*ys):
+        outs = []
+        for b in range(m):
+            signs = hm[b, :] if transposed else hm[:, b]
+            acc = ys[0] if signs[0] > 0 else -ys[0]
+            for a in range(1, m):
+                acc = acc + ys[a] if signs[a] > 0 else acc - ys[a]
+            outs.append(acc * scale)
+        return outs
+
+    return mx.compile(combine)
 
 
 def unrotate(rotated: mx.array, signs: mx.array) -> mx.array:
     """Inverse of `rotate`: diag(signs) · Hᵀ / sqrt(n)."""
     n = rotated.shape[-1]
-    if _self_inverse(n):
+    if _is_power_of_two(n):  # the Sylvester matrix is symmetric: its own inverse
         return mx.hadamard_transform(rotated, scale=1.0 / float(np.sqrt(n))) * signs
-    return _transposed_transform(rotated, n) * signs
+    return _kronecker_transform(rotated, n, transposed=True) * signs
 
 
 def expected_distortion(dim: int, bits: int) -> float:

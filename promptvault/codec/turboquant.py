@@ -34,6 +34,12 @@ class _Block:
     decode: Callable[[mx.array, mx.array], mx.array]
 
 
+def _lookup(table: mx.array, codes: mx.array) -> mx.array:
+    """table[codes] as a gather along the last axis of the broadcast table: on the CPU several
+    times faster than mx.take of the flat table."""
+    return mx.take_along_axis(table.reshape((1,) * (codes.ndim - 1) + (-1,)), codes, axis=-1)
+
+
 def _make_block(offset: int, size: int, bits: int, signs: mx.array) -> _Block:
     centroids, boundaries = codebook(size, bits)
     table = mx.array(centroids)
@@ -47,12 +53,12 @@ def _make_block(offset: int, size: int, bits: int, signs: mx.array) -> _Block:
         codes = (rotated > thresholds[0]).astype(mx.uint8)
         for threshold in thresholds[1:]:
             codes = codes + (rotated > threshold).astype(mx.uint8)
-        decoded = mx.take(table, codes)
+        decoded = _lookup(table, codes)
         decoded_norm = mx.sqrt(mx.sum(decoded * decoded, axis=-1, keepdims=True))
         return codes, norm / mx.maximum(decoded_norm, _TINY)
 
     def decode_block(codes: mx.array, norm: mx.array) -> mx.array:
-        return unrotate(mx.take(table, codes), signs) * norm
+        return unrotate(_lookup(table, codes), signs) * norm
 
     return _Block(offset, size, mx.compile(encode_block), mx.compile(decode_block))
 
@@ -107,38 +113,76 @@ def _gather(values: mx.array, channels: mx.array) -> mx.array:
     return mx.take_along_axis(values, index, axis=-1)
 
 
-def outlier_channels(values: mx.array, spec: CodecSpec) -> mx.array:
+def outlier_channels(x: mx.array, mean: mx.array | None, spec: CodecSpec) -> mx.array:
     """(..., 1, k) int32, ascending: the k channels of each head with the most energy over the
-    tokens of `values` (float32, centered when the spec centers)."""
-    k = spec.outlier_channels(values.shape[-1])
-    energy = mx.mean(values * values, axis=-2, keepdims=True)
+    tokens of x minus its stored mean (`centered`). Reads x itself, in one fused pass, rather
+    than the float32 centered copy: the GPU encode never makes that copy."""
+    k = spec.outlier_channels(x.shape[-1])
+    energy = _energy(x) if mean is None else _centered_energy(x, mean)
     return mx.sort(mx.argsort(-energy, axis=-1)[..., :k], axis=-1).astype(mx.int32)
+
+
+@mx.compile
+def _energy(x: mx.array) -> mx.array:
+    v = x.astype(mx.float32)
+    return mx.mean(v * v, axis=-2, keepdims=True)
+
+
+@mx.compile
+def _centered_energy(x: mx.array, mean: mx.array) -> mx.array:
+    v = x.astype(mx.float32) - mean.astype(mx.float32)
+    return mx.mean(v * v, axis=-2, keepdims=True)
 
 
 def centered(x: mx.array, spec: CodecSpec) -> tuple[mx.array, mx.array | None]:
     """x in float32 minus its stored per-head mean over the tokens, and that mean (None when the
-    spec does not center). The mean is stored in float16 (2 bytes per channel whatever the cache
-    dtype) unless it would overflow; any stored dtype decodes, so shards with float32 means stay
-    readable. The stored (rounded) mean is what is subtracted, so decode adds back exactly what
-    was removed."""
+    spec does not center). The mean is stored in the input's dtype: float16 / bfloat16 caches
+    keep 2 bytes per channel; float32 ones 4 (choosing float16 where the mean fits would wait
+    for the device on every tensor, and a warm step's tensors must encode as one lazy graph).
+    Any stored dtype decodes, so shards with float16 means of float32 caches stay readable. The
+    stored (rounded) mean is what is subtracted, so decode adds back exactly what was removed."""
     values = x.astype(mx.float32)
     if not spec.center:
         return values, None
-    mean = mx.mean(values, axis=-2, keepdims=True)
-    fits = x.dtype == mx.float32 and mx.max(mx.abs(mean)).item() <= _FP16_MAX
-    mean = mean.astype(mx.float16 if fits else x.dtype)
+    mean = _token_mean(x)
     return values - mean.astype(mx.float32), mean
 
 
+@mx.compile
+def _token_mean(x: mx.array) -> mx.array:
+    return mx.mean(x.astype(mx.float32), axis=-2, keepdims=True).astype(x.dtype)
+
+
 def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
-    """Coded arrays of x (..., T, d); see the module docstring for what they hold."""
+    """Coded arrays of x (..., T, d); see the module docstring for what they hold. A tensor of
+    many rows (e.g. every layer of a block stacked) is coded in cache-sized pieces of whole rows
+    (a row's mean and channel choice need all its tokens); each row's bytes do not depend on
+    the piece it falls in."""
+    lead, tokens, dim = x.shape[:-2], x.shape[-2], x.shape[-1]
+    rows = 1
+    for n in lead:
+        rows *= n
+    per_rows = max(1, _PIECE // (tokens * dim))
+    if rows * tokens * dim <= _SPLIT_ABOVE or rows <= per_rows:
+        arrays = _encode_piece(x, spec)
+    else:
+        flat = x.reshape(rows, tokens, dim)
+        pieces = [_encode_piece(flat[r : r + per_rows], spec) for r in range(0, rows, per_rows)]
+        arrays = {name: mx.concatenate([p[name] for p in pieces], axis=0).reshape(*lead, *pieces[0][name].shape[-2:])
+                  for name in pieces[0]}
+    if spec.norm_bits == 16:
+        arrays.update(stored_norms(arrays["norms"]))  # one overflow check for the whole tensor
+    return arrays
+
+
+def _encode_piece(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     dim = x.shape[-1]
     values, mean = centered(x, spec)
     arrays = {} if mean is None else {"mean": mean}
     if spec.outliers:
         # Outlier split: the highest-energy channels of each head get their own rotation, norm
         # and finer codebook; channel indices ascending, stored once per head.
-        hi = outlier_channels(values, spec)
+        hi = outlier_channels(x, mean, spec)
         lo = _other_channels(hi, dim)
         arrays["channels"] = hi.astype(mx.uint8 if dim <= 256 else mx.uint16)
         codes_hi, norms_hi = _code(_gather(values, hi), spec.outlier_bits, spec.seed)
@@ -149,13 +193,21 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
         arrays["codes"], norms = _code(values, spec.bits, spec.seed)
     if spec.norm_bits == 8:
         arrays.update(_log_norms(norms))
-        return arrays
-    if mx.max(norms).item() > _FP16_MAX:
-        raise ValueError(
-            f"vector norms up to {mx.max(norms).item():.3g} overflow the float16 norm; use lossless coding"
-        )
-    arrays["norms"] = norms.astype(mx.float16)
+    else:
+        arrays["norms"] = norms.astype(mx.float16)  # checked by encode_arrays
     return arrays
+
+
+def stored_norms(norms: mx.array) -> dict[str, mx.array]:
+    """The stored form of corrected norms (..., T, blocks): float16 norms as they are, after
+    checking they did not overflow (the one host sync of an encode, and only of specs with
+    16-bit norms: a stored inf would decode to garbage), or float32 norms as 8-bit log norms."""
+    if norms.dtype != mx.float16:
+        return _log_norms(norms)
+    if not mx.all(mx.isfinite(norms)).item():
+        raise ValueError("vector norms overflow the float16 norm (above 65504); use lossless coding "
+                         "or 8-bit norms (norm_bits=8)")
+    return {"norms": norms}
 
 
 _LOG_LEVELS = 254  # codes 1..255 cover [lo, hi] in log space; 0 means a zero norm
@@ -189,8 +241,42 @@ def _norm_values(arrays: dict[str, mx.array]) -> mx.array:
     return mx.where(norms > 0, values, 0.0)
 
 
+# Elements decoded (or encoded) per piece on the CPU: the pure-MLX path makes several passes over
+# float32 intermediates, which stay in the cache when a piece is this small (a stacked tensor of
+# every layer, decoded whole, runs several times slower than the same bytes in pieces).
+_PIECE = 1 << 15
+# Below this many elements the per-piece graph costs more than the cache saves.
+_SPLIT_ABOVE = 1 << 18
+
+
 def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
-    """Inverse of `encode_arrays`, in `dtype`."""
+    """Inverse of `encode_arrays`, in `dtype`. Any leading shape: a stacked (layers, batch,
+    heads, T, d) tensor decodes in one call, in cache-sized pieces of rows and tokens. Every
+    step is per vector with a fixed order of operations, so a vector decodes to the same bits
+    whatever is decoded with it (and whichever piece it falls in)."""
+    codes = arrays["codes"]
+    lead, tokens = codes.shape[:-2], codes.shape[-2]
+    rows = 1
+    for n in lead:
+        rows *= n
+    if rows * tokens * dim <= _SPLIT_ABOVE:
+        return _decode_piece(arrays, spec, dim, dtype)
+    flat = {name: a.reshape(rows, a.shape[-2], a.shape[-1]) for name, a in arrays.items()}
+    per_rows = max(1, _PIECE // (tokens * dim))
+    per_tokens = tokens if per_rows > 1 else max(1, _PIECE // dim)
+    out = []
+    for r in range(0, rows, per_rows):
+        cols = []
+        for t in range(0, tokens, per_tokens):
+            piece = {name: a[r : r + per_rows, t : t + per_tokens] if a.shape[-2] == tokens and name in ("codes", "norms")
+                     else a[r : r + per_rows] for name, a in flat.items()}
+            cols.append(_decode_piece(piece, spec, dim, dtype))
+        out.append(cols[0] if len(cols) == 1 else mx.concatenate(cols, axis=-2))
+    whole = out[0] if len(out) == 1 else mx.concatenate(out, axis=0)
+    return whole.reshape(*lead, tokens, dim)
+
+
+def _decode_piece(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     norms = _norm_values(arrays)
     if spec.outliers:
         k = arrays["channels"].shape[-1]
@@ -202,5 +288,15 @@ def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype:
     else:
         out = _uncode(arrays["codes"], norms, spec.bits, spec.seed, dim)
     if "mean" in arrays:
-        out = out + arrays["mean"].astype(mx.float32)
+        return _add_mean_cast(out, arrays["mean"], dtype)
     return out.astype(dtype)
+
+
+@lru_cache(maxsize=None)
+def _mean_adder(dtype: mx.Dtype):
+    """out + mean in float32, then the cast to `dtype`: one fused pass."""
+    return mx.compile(lambda out, mean: (out + mean.astype(mx.float32)).astype(dtype))
+
+
+def _add_mean_cast(out: mx.array, mean: mx.array, dtype: mx.Dtype) -> mx.array:
+    return _mean_adder(dtype)(out, mean)

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 import numpy as np
 
-from promptvault.codec import LOSSLESS, Encoded, KVCodec, decode, encode, fused
+from promptvault.codec import LOSSLESS, Encoded, KVCodec, decode, encode, kernels
 from promptvault.errors import PromptvaultError
 
 
@@ -219,7 +219,7 @@ def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
     segments, written straight into the (..., n_rows, d) buffer (rows no segment fills are
     zero). None when the kernels are off or do not fit these segments (then the per-segment
     reference path runs, and reports any problem)."""
-    if not plan or fused.backend() == "reference":
+    if not plan or kernels.backend() == "reference":
         return None
     uniq: dict[tuple[int, str], int] = {}
     encs: list[tuple[Encoded, Encoded]] = []
@@ -242,14 +242,14 @@ def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
             return None
         first = encs[coded[0]][part]
         spec, dim, dtype, lead = first.spec, first.shape[-1], first.dtype, first.shape[:-2]
-        lang = fused.use_fused(spec, dim, dtype, int(np.prod(lead)) * n_rows * dim)
+        lang = kernels.use_fused(spec, dim, dtype, int(np.prod(lead)) * n_rows * dim)
         if lang is None:
             return None
         for pair in encs:
             e = pair[part]
             if e.dtype != dtype or e.shape[-1] != dim or e.shape[:-2] != lead:
                 return None
-            if not e.spec.lossless and (e.spec != spec or not fused.arrays_fit(e.arrays, spec, dim)):
+            if not e.spec.lossless and (e.spec != spec or not kernels.arrays_fit(e.arrays, spec, dim)):
                 return None
         position = {j: n for n, j in enumerate(coded)}
         base = np.cumsum([0] + [encs[j][part].tokens for j in coded])
@@ -264,8 +264,8 @@ def _fill_rows_fused(plan: list, n_rows: int) -> tuple[mx.array, ...] | None:
                 rowmap[row : row + i1 - i0, 1] = n
             else:
                 copies.append((encs[j][part], i0, i1, row))
-        buf = fused.decode_rows_with(lang, [encs[j][part].arrays for j in coded], spec, dim, dtype,
-                                     rowmap, n_rows)
+        buf = kernels.decode_rows_with(lang, [encs[j][part].arrays for j in coded], spec, dim, dtype,
+                                       rowmap, n_rows)
         for e, i0, i1, row in copies:
             buf[..., row : row + i1 - i0, :] = decode(e.slice_tokens(i0, i1))
         out.append(buf)
