@@ -55,7 +55,7 @@ def _encode_stack(parts: list[mx.array], spec) -> Encoded:
     arrays stacked (a whole stack at once is several times slower there: its float32
     intermediates leave the cache). The codec's math is per vector and per head, so both give
     the same arrays."""
-    if spec.lossless or fused.backend() != "reference":
+    if spec.lossless or kernels.backend() != "reference":
         return encode(mx.stack(parts), spec)
     encs = [encode(p, spec) for p in parts]
     arrays = {name: mx.stack([e.arrays[name] for e in encs]) for name in encs[0].arrays}
