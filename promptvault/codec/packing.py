@@ -8,8 +8,11 @@ array without re-packing.
 
 import mlx.core as mx
 
+# Built from data, not with mx.arange: a lazy op made at import is bound to the importing
+# thread's stream, and evaluating it from another thread (a server's MLX thread) fails with
+# "There is no Stream(cpu, 0) in current thread".
 _BIT_WEIGHTS = mx.array([1 << i for i in range(8)], dtype=mx.uint32)
-_SHIFTS = mx.arange(8, dtype=mx.uint8)
+_SHIFTS = mx.array(list(range(8)), dtype=mx.uint8)
 
 
 def packed_width(n: int, bits: int) -> int:
