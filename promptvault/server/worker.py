@@ -198,7 +198,10 @@ class Worker:
             if rest:
                 emit("text", rest)
         emit("done", Finished(len(gen.tokens), len(answer), cached, finish, stops.matched, ttft))
-        prefix_cache.store(self.vault, self.lm, cache, gen.tokens, answer)
+        t0 = time.perf_counter()
+        written = prefix_cache.store(self.vault, self.lm, cache, gen.tokens, answer)
+        log.info("reused %d of %d prompt tokens; stored %d new chunks in %.2f s after the answer", cached,
+                 len(gen.tokens), written, time.perf_counter() - t0)
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
