@@ -2,7 +2,8 @@
 
 The trace: C conversations that all start with the same ~1,500-token system prompt (agent
 instructions and JSON tool schemas), each T turns long (a user message, the server's streamed
-answer appended to the history, the next user message …), sent round-robin — turn 1 of every
+answer appended to the history, the next user message: from turn 2 on, a ~400-token tool
+result (a file listing) and a request), sent round-robin — turn 1 of every
 conversation, then turn 2 of every conversation … — by one client, one request at a time.
 Every server is restarted once midway (after round ceil(T/2)): before it, mlx_lm.server answers
 from its RAM prompt cache; after it, that cache is gone and only the vault still holds the
@@ -87,6 +88,16 @@ ASKS = [
     "Now add a test for the empty config case and commit with a clear message.",
     "Summarise what you changed and why, in two sentences.",
 ]
+
+
+def tool_result(c: int, turn: int, lines: int = 16) -> str:
+    """A made-up file listing, as a read_file call would return it: each conversation's own
+    history grows by a few hundred tokens a turn, as an agent's does."""
+    body = []
+    for i in range(lines // 2):
+        body.append(f"{2 * i + 1:4d}  def handler_{c}_{turn}_{i}(config: dict, key: str = 'k{i}') -> int:")
+        body.append(f"{2 * i + 2:4d}      return len(config.get(key, [])) + {i * 7 + c * 3 + turn}")
+    return f"Result of read_file(path='module_{c}.py'):\n" + "\n".join(body) + "\n\n"
 
 
 def system_prompt(tokenizer, target: int) -> str:
@@ -212,7 +223,8 @@ def replay(setup: str, servers: list[_Server], system: str, conversations: int, 
                     s.start()
             phase = "before restart" if turn < restart_after else "after restart"
             for c in range(conversations):
-                history[c].append({"role": "user", "content": ASKS[turn % len(ASKS)].format(c=c)})
+                ask = ASKS[turn % len(ASKS)].format(c=c)
+                history[c].append({"role": "user", "content": (tool_result(c, turn) if turn else "") + ask})
                 server = servers[n % len(servers)]
                 n += 1
                 ttft, total, text, usage = chat(server.port, history[c], max_tokens)
@@ -249,7 +261,7 @@ def run_serve_bench(model: str | None, *, conversations: int, turns: int, system
 
     lm = load_model(model)
     system = system_prompt(lm.tokenizer, system_tokens)
-    exe = [sys.executable, "-m", "promptvault.cli"] if not _console_script() else [_console_script()]
+    exe = [str(Path(sys.executable).parent / "promptvault")]  # the console script installed with this package
     results: list[Request] = []
     with tempfile.TemporaryDirectory(dir=workdir, prefix="bench-serve-") as tmp:
         root = Path(tmp)
@@ -273,11 +285,6 @@ def run_serve_bench(model: str | None, *, conversations: int, turns: int, system
 
 
 SETUPS = ("promptvault", "mlx_lm.server", "promptvault x2")
-
-
-def _console_script() -> str | None:
-    exe = Path(sys.executable).parent / "promptvault"
-    return str(exe) if exe.is_file() else None
 
 
 def format_table(result: dict) -> str:

@@ -144,7 +144,7 @@ def index_cmd(chunks, workdir, as_json):
               help="Comma-separated: promptvault, mlx_lm.server, 'promptvault x2' (two servers, one vault).")
 @click.option("--workdir", default=None, help="Directory for the temporary vaults and logs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def serve_cmd(model, conversations, turns, system_tokens, max_tokens, setups, workdir, as_json):
+def serve_bench_cmd(model, conversations, turns, system_tokens, max_tokens, setups, workdir, as_json):
     """Replay an agent-like trace (shared system prompt, several turns, restart midway) against
     `promptvault serve` and `mlx_lm.server`: TTFT p50/p95, cached-token share, time.
 
