@@ -14,6 +14,7 @@ import httpx
 import openai
 import pytest
 
+from promptvault.server.stops import StopText
 from server_process import EXE, LOSSLESS, Server
 
 BLOCK = "16"
@@ -36,6 +37,15 @@ def client(server) -> openai.OpenAI:
 def chat(server, text: str, max_tokens: int = 12, **kw):
     return client(server).chat.completions.create(
         model="SmolLM2-135M-Instruct", messages=[{"role": "user", "content": text}], max_tokens=max_tokens, **kw)
+
+
+def test_stop_text_holds_back_a_possible_stop_across_pieces():
+    stops = StopText(["END", "\n\n"])
+    out = [stops.feed(p) for p in ["Hello E", "N", "ough\n", "\nmore"]]
+    assert out == [("Hello ", False), ("", False), ("ENough", False), ("", True)]
+    assert stops.matched == "\n\n" and StopText([]).feed("abc") == ("abc", False)
+    tail = StopText(["xyz"])
+    assert tail.feed("abx") == ("ab", False) and tail.flush() == "x"
 
 
 def test_health_and_models(server):
@@ -112,6 +122,8 @@ BAD = [
     ("/v1/completions", {"prompt": [1] * 8192, "max_tokens": 1}, 400, "context_length_exceeded"),
     ("/v1/completions", {"prompt": [1] * 8000, "max_tokens": CAP}, 400, "context_length_exceeded"),
     ("/v1/completions", {"prompt": ""}, 400, None),
+    ("/v1/completions", {"prompt": "Hi", "n": 2}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, None),
     ("/v1/nowhere", {}, 404, None),
 ]
 

@@ -80,3 +80,15 @@ def test_kill_during_store_leaves_the_vault_clean_and_the_next_start_serves(serv
     assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] is not None
     third = httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY}, json=ask, timeout=300)
     assert third.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= third.json()["usage"]["prompt_tokens"] - 16
+
+
+def test_delete_cache_removes_a_label_or_everything(server):
+    headers = {"x-api-key": KEY}
+    r = httpx.delete(server.url + "/v1/cache", params={"label": "no-such-label"}, headers=headers, timeout=60)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "label_not_found"
+    assert httpx.delete(server.url + "/v1/cache", headers=headers, timeout=60).json()["removed_chunks"] > 0
+    stats = httpx.get(server.url + "/v1/cache/stats", headers=headers, timeout=60).json()
+    assert sum(n["chunks"] for n in stats["namespaces"]) == 0 and stats["ram_chunks"] == 0
+    ask = {"messages": [{"role": "user", "content": LONG + " Which item is first?"}], "max_tokens": 1}
+    again = httpx.post(server.url + "/v1/chat/completions", headers=headers, json=ask, timeout=300).json()
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 0

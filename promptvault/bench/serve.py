@@ -170,7 +170,7 @@ class _Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=600)  # a graceful stop finishes the store of the last answer
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -46,7 +46,7 @@ def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, quality, ke
         import uvicorn
 
         from promptvault.server.app import create_app
-        from promptvault.server.requests import Limits
+        from promptvault.server.parse import Limits
         from promptvault.server.worker import Worker
     except ImportError as e:
         raise click.ClickException(f"serve needs the server extra ({e.name} is missing): "

@@ -20,8 +20,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from promptvault.server import prefix_cache
-from promptvault.server import requests as parse
-from promptvault.server.responses import (AnthropicShape, OpenAIShape, anthropic_error_body, error_body)
+from promptvault.server import parse
+from promptvault.server.responses import AnthropicShape, OpenAIShape, anthropic_error_body, error_body, event, sse
 from promptvault.server.worker import Busy, Worker
 from promptvault.vault.errors import VaultSettingsError
 
@@ -117,9 +117,16 @@ def create_app(worker: Worker, limits: parse.Limits, served_name: str, api_key: 
             return shape.whole(text, done)
 
         async def stream():
-            yield shape.start(len(p.generation.tokens))
-            async for kind, value in _relay(p, events):
-                yield shape.piece(value) if kind == "text" else shape.end(value)
+            try:
+                async for kind, value in _relay(p, events):
+                    if kind == "start":
+                        yield shape.start(len(p.generation.tokens), value)
+                    elif kind == "text":
+                        yield shape.piece(value)
+                    else:
+                        yield shape.end(value)
+            except RuntimeError as e:
+                yield event("error", anthropic_error_body(f"generation failed: {e}", "api_error"))
 
         return _sse(stream())
 
@@ -157,7 +164,7 @@ async def _collect(p: parse.Parsed, events: asyncio.Queue):
         async for kind, value in _relay(p, events):
             if kind == "text":
                 pieces.append(value)
-            else:
+            elif kind == "done":
                 return "".join(pieces), value
     except RuntimeError as e:
         raise parse.RequestError(500, f"generation failed: {e}", kind="server_error") from None
@@ -173,8 +180,14 @@ async def _openai(worker: Worker, p: parse.Parsed, shape: OpenAIShape):
         first = shape.start()
         if first:
             yield first
-        async for kind, value in _relay(p, events):
-            yield shape.piece(value) if kind == "text" else shape.end(value, p.include_usage)
+        try:
+            async for kind, value in _relay(p, events):
+                if kind == "text":
+                    yield shape.piece(value)
+                elif kind == "done":
+                    yield shape.end(value, p.include_usage)
+        except RuntimeError as e:  # the headers are out: the error goes in the stream
+            yield sse(error_body(f"generation failed: {e}", "server_error"))
 
     return _sse(stream())
 

@@ -100,18 +100,18 @@ class AnthropicShape:
     def __init__(self, model: str):
         self.model, self.id = model, new_id("msg_")
 
-    def _message(self, content: list, done: Finished | None, prompt_tokens: int = 0) -> dict:
+    def _message(self, content: list, done: Finished) -> dict:
         return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": None if done is None else _stop_reason(done),
-                "stop_sequence": None if done is None else done.stop_sequence,
-                "usage": _anthropic_usage(done) if done is not None else
-                {"input_tokens": prompt_tokens, "output_tokens": 0}}
+                "stop_reason": _stop_reason(done) if done.completion_tokens else None,
+                "stop_sequence": done.stop_sequence, "usage": _anthropic_usage(done)}
 
     def whole(self, text: str, done: Finished) -> dict:
         return self._message([{"type": "text", "text": text}], done)
 
-    def start(self, prompt_tokens: int) -> str:
-        return (event("message_start", {"type": "message_start", "message": self._message([], None, prompt_tokens)})
+    def start(self, prompt_tokens: int, cached: int) -> str:
+        """message_start (sent once the stored prefix is restored, so its usage is exact) and the text block's start."""
+        so_far = Finished(prompt_tokens, 0, cached, "stop", None)
+        return (event("message_start", {"type": "message_start", "message": self._message([], so_far)})
                 + event("content_block_start", {"type": "content_block_start", "index": 0,
                                                 "content_block": {"type": "text", "text": ""}}))
 

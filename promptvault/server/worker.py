@@ -3,8 +3,8 @@
 MLX streams and the vault's SQLite connection belong to the thread that made them, so the HTTP
 side never touches either: it hands work to this thread through a bounded queue (`submit` raises
 `Busy` when it is full, which the app answers with 503) and gets events back on its own asyncio
-loop. A generation sends ("text", str) pieces, then ("done", Finished) as soon as the answer is
-complete, and only then stores the new blocks: the client has its answer before the store starts,
+loop. A generation sends ("start", cached prompt tokens) once the stored prefix is restored,
+("text", str) pieces, then ("done", Finished) as soon as the answer is complete, and only then stores the new blocks: the client has its answer before the store starts,
 and the next queued request waits for it (stores stay on this thread, in order, like every other
 MLX call).
 
@@ -61,7 +61,6 @@ class Finished:
     cached_tokens: int  # prompt tokens restored from the vault instead of prefilled
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
     stop_sequence: str | None
-    ttft_s: float
 
 
 class Worker:
@@ -84,11 +83,10 @@ class Worker:
             raise self._error
 
     def stop(self) -> None:
-        try:
-            self._jobs.put(None, timeout=1)
-        except queue.Full:
-            pass
-        self._thread.join(timeout=30)
+        """After the queued jobs (and the store of the last answer): a graceful shutdown loses no
+        stored block. (kill -9 may; the vault stays consistent either way.)"""
+        self._jobs.put(None)
+        self._thread.join()
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -161,6 +159,7 @@ class Worker:
             return
         start = time.perf_counter()
         cache, cached = prefix_cache.fetch(self.vault, self.lm, gen.tokens)
+        emit("start", cached)
         if gen.seed is not None:
             mx.random.seed(gen.seed)
         stops = StopText(gen.stop)
@@ -197,11 +196,15 @@ class Worker:
             rest = stops.flush()
             if rest:
                 emit("text", rest)
-        emit("done", Finished(len(gen.tokens), len(answer), cached, finish, stops.matched, ttft))
+        emit("done", Finished(len(gen.tokens), len(answer), cached, finish, stops.matched))
         t0 = time.perf_counter()
-        written = prefix_cache.store(self.vault, self.lm, cache, gen.tokens, answer)
-        log.info("reused %d of %d prompt tokens; stored %d new chunks in %.2f s after the answer", cached,
-                 len(gen.tokens), written, time.perf_counter() - t0)
+        try:
+            written = prefix_cache.store(self.vault, self.lm, cache, gen.tokens, answer)
+        except OSError as e:  # a full or read-only disk: the answer stands, only its blocks are lost
+            log.warning("the new blocks were not stored: %s", e)
+            written = 0
+        log.info("reused %d of %d prompt tokens, first token after %.2f s; stored %d new chunks in %.2f s after "
+                 "the answer", cached, len(gen.tokens), ttft, written, time.perf_counter() - t0)
 
 
 def _settle(future: asyncio.Future, result, error) -> None:

@@ -133,6 +133,10 @@ def _generation(tokens: list[int], body: dict, limits: Limits, *, max_name: str,
     if value > room:
         raise _bad(f"the prompt ({len(tokens)} tokens) plus {max_name} ({value}) exceeds this model's context "
                    f"({limits.context})", max_name, code="context_length_exceeded")
+    if body.get("n", 1) != 1:
+        raise _bad("n must be 1: one choice per request", "n")
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise _bad("logprobs are not supported by this server", "logprobs")
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise _bad("seed must be an integer", "seed")
