@@ -187,8 +187,11 @@ def test_sixteen_concurrent_clients_are_all_answered(server):
 
 
 def test_restart_keeps_every_stored_prefix(server):
-    question = "Name one colour of the rainbow."
-    server.stop()
+    earlier = "Name one colour of the rainbow."
+    last = "List three fruits that are red, one per line, with one word about each."
+    chat(server, last, 2)
+    server.stop()  # SIGTERM right after the answer: the graceful stop finishes storing it first
     server.start()
-    first = chat(server, question)
-    assert first.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16
+    for question in (earlier, last):
+        first = chat(server, question)
+        assert first.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 16, question

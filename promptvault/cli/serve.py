@@ -2,12 +2,19 @@
 
 import json
 import logging
+import os
+import signal
+import sys
 
 import click
 
 from promptvault.cli.common import codec_options, make_codec, model_option, open_vault, vault_options
 
 log = logging.getLogger("promptvault.cli")
+
+
+def _exit(signum, frame):
+    raise SystemExit(0)
 
 
 def context_length(lm) -> int | None:
@@ -24,8 +31,9 @@ def context_length(lm) -> int | None:
 @model_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
-@click.option("--api-key", default=None,
-              help="Require this key on /v1 routes (Authorization: Bearer KEY, or x-api-key: KEY).")
+@click.option("--api-key", default=None, envvar="PROMPTVAULT_API_KEY",
+              help="Require this key on /v1 routes (Authorization: Bearer KEY, or x-api-key: KEY); "
+                   "$PROMPTVAULT_API_KEY keeps it out of the process list.")
 @click.option("--max-tokens-cap", type=click.IntRange(min=1), default=4096, show_default=True,
               help="Largest max_tokens a request may ask for.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
@@ -63,7 +71,20 @@ def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, quality, ke
     app = create_app(worker, limits, lm.name, api_key)
     click.echo(f"promptvault: serving {lm.name} on http://{host}:{port} (vault: {worker.vault.root})", err=True)
     verbose = logging.getLogger("promptvault").level <= logging.INFO
+    # uvicorn re-raises the signal it shut down on; with the default handlers that would end the
+    # process before the worker finishes storing the last answer. SystemExit unwinds to `finally`.
+    signal.signal(signal.SIGTERM, _exit)
+    signal.signal(signal.SIGINT, _exit)
+    code = 0
     try:
         uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning", access_log=verbose)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0
     finally:
         worker.stop()
+    # Everything is stored and the vault closed. Skip interpreter teardown: MLX aborts there once
+    # a second thread has run on it ("terminate called without an active exception").
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
