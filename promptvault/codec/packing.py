@@ -10,7 +10,10 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-_SHIFTS = mx.arange(8, dtype=mx.uint8)
+# Built from data, not with mx.arange: a lazy op made at import is bound to the importing
+# thread's stream, and evaluating it from another thread (a server's MLX thread) fails with
+# "There is no Stream(cpu, 0) in current thread".
+_SHIFTS = mx.array(list(range(8)), dtype=mx.uint8)
 
 
 def packed_width(n: int, bits: int) -> int:
