@@ -41,7 +41,9 @@ def cpu_table(dims=(64, 128, 256), heads: int = 4, tokens: int = 2048, layers: i
     from promptvault.vault.vault import DEFAULT_CODEC
 
     rows = []
-    with mx.stream(mx.cpu):
+    device = mx.default_device()
+    mx.set_default_device(mx.cpu)
+    try:
         for name, spec in (("K default", DEFAULT_CODEC.keys), ("V default", DEFAULT_CODEC.values)):
             for dim in dims:
                 x = _data((layers, 1, heads, tokens, dim), dim)
@@ -64,6 +66,8 @@ def cpu_table(dims=(64, 128, 256), heads: int = 4, tokens: int = 2048, layers: i
                              "stacked_bit_identical": bool(mx.array_equal(whole[0], first).item()),
                              "encode_ms_per_256_tokens": 1e3 * t_enc * 256 / tokens})
                 del x, one, enc_one, enc_all, whole, first
+    finally:
+        mx.set_default_device(device)
     return rows
 
 

@@ -163,7 +163,7 @@ def encode_arrays(x: mx.array, spec: CodecSpec) -> dict[str, mx.array]:
     for n in lead:
         rows *= n
     per_rows = max(1, _PIECE // (tokens * dim))
-    if rows * tokens * dim <= _SPLIT_ABOVE or rows <= per_rows:
+    if rows * tokens * dim <= _SPLIT_ABOVE or rows <= per_rows or not _on_cpu():
         arrays = _encode_piece(x, spec)
     else:
         flat = x.reshape(rows, tokens, dim)
@@ -249,6 +249,11 @@ _PIECE = 1 << 15
 _SPLIT_ABOVE = 1 << 18
 
 
+def _on_cpu() -> bool:
+    """Pieces help only the CPU: on a GPU they would turn a few large launches into thousands."""
+    return mx.default_device() == mx.cpu
+
+
 def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype: mx.Dtype) -> mx.array:
     """Inverse of `encode_arrays`, in `dtype`. Any leading shape: a stacked (layers, batch,
     heads, T, d) tensor decodes in one call, in cache-sized pieces of rows and tokens. Every
@@ -259,7 +264,7 @@ def decode_arrays(arrays: dict[str, mx.array], spec: CodecSpec, dim: int, dtype:
     rows = 1
     for n in lead:
         rows *= n
-    if rows * tokens * dim <= _SPLIT_ABOVE:
+    if rows * tokens * dim <= _SPLIT_ABOVE or not _on_cpu():
         return _decode_piece(arrays, spec, dim, dtype)
     flat = {name: a.reshape(rows, a.shape[-2], a.shape[-1]) for name, a in arrays.items()}
     per_rows = max(1, _PIECE // (tokens * dim))
