@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _API = {
     "Vault": "promptvault.vault.vault",
-    "LookupResult": "promptvault.vault.vault",
-    "RestoreResult": "promptvault.vault.vault",
+    "LookupResult": "promptvault.vault.store",
+    "RestoreResult": "promptvault.vault.store",
     "StoreResult": "promptvault.vault.results",
     "VaultStats": "promptvault.vault.results",
     "NamespaceStats": "promptvault.vault.results",
@@ -48,6 +48,7 @@ _API = {
     "VaultReadOnlyError": "promptvault.vault.errors",
     "VaultSettingsError": "promptvault.vault.errors",
     "CapTooSmallError": "promptvault.vault.errors",
+    "UnsupportedCacheError": "promptvault.vault.caches",
 }
 
 __all__ = ["__version__", *_API]
@@ -82,4 +83,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
                                          VaultSettingsError)
     from promptvault.vault.results import (ChunkInfo, Description, GcResult, NamespaceStats, ReindexResult,
                                            RmResult, Settings, StoreResult, VaultStats, VerifyResult, Warmed)
-    from promptvault.vault.vault import LookupResult, RestoreResult, Vault
+    from promptvault.vault.caches import UnsupportedCacheError
+    from promptvault.vault.store import LookupResult, RestoreResult
+    from promptvault.vault.vault import Vault

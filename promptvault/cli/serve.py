@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from promptvault.cli.common import codec_options, make_codec, model_option, open_vault, vault_options
+from promptvault.cli.common import codec_options, model_option, open_vault, vault_options
 
 log = logging.getLogger("promptvault.cli")
 
@@ -40,7 +40,7 @@ def context_length(lm) -> int | None:
               help="Requests that may wait for the model; more get 503.")
 @codec_options
 @vault_options
-def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, quality, key_bits, value_bits, vault_path,
+def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, codec, vault_path,
               block_size, ram_cap, disk_cap):
     """Serve a model over HTTP (OpenAI and Anthropic APIs) with the vault as its prefix cache.
 
@@ -61,7 +61,6 @@ def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, quality, ke
                                    "pip install 'promptvault[server]'") from None
     from promptvault.models import load_model
 
-    codec = make_codec(key_bits, value_bits, quality)
     worker = Worker(lambda: load_model(model), lambda: open_vault(vault_path, block_size, ram_cap, disk_cap, codec),
                     max_queue)
     worker.start()

@@ -10,36 +10,38 @@ A client that went away mid-answer stores nothing (`store` is simply not called)
 of a request's blocks or none of them, never a half-written answer.
 """
 
-from mlx_lm.models.cache import KVCache
+import dataclasses
 
-from promptvault.vault.caches import UnsupportedCacheError
+from promptvault import UnsupportedCacheError
 
 
 def fetch(vault, lm, tokens: list[int]) -> tuple[list, int]:
     """Fresh mlx-lm caches for `lm` holding the longest stored prefix of `tokens`, and its length."""
-    restored = vault.restore(lm, tokens)
-    return restored.cache, restored.tokens_reused
+    cache, rest = vault.fetch(lm, tokens)
+    return cache, len(tokens) - len(rest)
 
 
 def store(vault, lm, cache: list, prompt: list[int], answer: list[int]) -> int:
     """Store the blocks of prompt + answer that `cache` holds rows for; returns chunks written.
 
-    A cache of plain KV layers is stored as it is; other layer kinds (rings that dropped old rows,
-    recurrent state that moved on) are re-prefilled from the prompt by `warm`."""
+    The cache holds the prompt and every answer token but the last (never fed back); layers that
+    record no position (recurrent state) store the prompt. `Vault.save` takes any cache: blocks the
+    live cache cannot give (a ring dropped them, recurrent state moved on) it prefills again."""
     if vault.read_only:
         return 0
+    offset = getattr(cache[0], "offset", None) if cache else None
+    tokens = (prompt + answer)[:offset] if isinstance(offset, int) and offset >= len(prompt) else prompt
     try:
-        if all(type(layer) is KVCache for layer in cache):
-            return vault.save(lm, cache, (prompt + answer)[: cache[0].offset]).written
-        return vault.warm(lm, prompt).written
+        return vault.save(lm, cache, tokens).written
     except UnsupportedCacheError:
         return 0
 
 
 def stats(vault) -> dict:
-    return vault.stats()
+    return dataclasses.asdict(vault.stats())
 
 
 def clear(vault, label: str | None = None) -> int:
     """Remove every stored chunk, or only those of one warmed label; returns how many."""
-    return vault.rm(label=label) if label is not None else vault.rm(everything=True)
+    result = vault.rm(label=label) if label is not None else vault.rm(everything=True)
+    return result.removed_chunks
