@@ -37,12 +37,13 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.codec import CodecSpec, KVCodec
-from promptvault.vault import caches, compact, ledger
+from promptvault.vault import caches, compact, ledger, remote_sync
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultReadOnlyError, VaultSettingsError
 from promptvault.vault.index import Index
 from promptvault.vault.keys import chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import exact_only, plan
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, canonical_json, make_namespace
+from promptvault.vault.remote import open_remote
 from promptvault.vault.shards import (SUFFIX, CorruptShard, encode_shard, publish_shard, read_metadata, read_shard,
                                      relpath)
 from promptvault.vault.tiers import DiskTier, RamTier
@@ -141,12 +142,15 @@ class Vault:
     ram_cap: bytes of compressed chunks kept in memory by this process (0 disables the tier).
         None: the stored one, else DEFAULT_RAM_CAP.
     codec: how new blocks are coded; part of the namespace, so each codec has its own entries.
+    remote: a shared remote tier below the disk, `s3://bucket/prefix` or a remote.RemoteTier
+        (credentials from the AWS variables/profile); None: local tiers only.
     """
 
     def __init__(self, path, *, block_size: int | None = None, disk_cap: int | None = None,
-                 ram_cap: int | None = None, codec: KVCodec | None = None):
+                 ram_cap: int | None = None, codec: KVCodec | None = None, remote=None):
         self.root = Path(path).expanduser()
         self.codec = codec or DEFAULT_CODEC
+        self.remote = open_remote(remote)  # remote tier (remote.py, remote_sync.py)
         self.read_only = False  # set when the directory cannot be written: reads work, writes raise
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -243,6 +247,8 @@ class Vault:
 
     def close(self) -> None:
         self.index.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def __enter__(self):
         return self
@@ -286,6 +292,7 @@ class Vault:
         chunks before it are used, so one bad chunk costs only the tokens from it on.
         """
         toks = _tokens(lm, tokens)
+        fetched = remote_sync.fetch(self, lm, toks) if self.remote else 0  # remote tier: into the disk tier
         look = self.lookup(lm, toks)
         result = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none", look.seconds, 0.0, 0.0)
         if not look.tokens_reused:
@@ -321,7 +328,8 @@ class Vault:
         if not self.read_only:
             self.index.touch([r["key"] for r in used])
             self._touch_files(used)
-        result.cache, result.tokens_reused, result.tier, result.decode_s = cache, reuse, look.tier, decode_s
+        result.cache, result.tokens_reused, result.decode_s = cache, reuse, decode_s
+        result.tier = "remote" if fetched else look.tier
         return result
 
     def _usable(self, ns: Namespace, rows: list[dict], reuse: int) -> int:
@@ -469,6 +477,8 @@ class Vault:
         Timing: prefill_s and encode_s are this thread's; write_s is the writer thread's file
         time plus this thread's index time, so it overlaps the others.
         """
+        if self.remote:  # remote tier: leading chunks stored there are restored, not recomputed
+            remote_sync.fetch(self, lm, _tokens(lm, tokens))
         toks, ns, spans, keys, have = self._store_plan(lm, tokens, "warm a prompt")
         done = 0  # leading chunks already stored (full blocks: restorable as a start)
         while done < len(keys) and keys[done] in have and spans[done][1] - spans[done][0] == self.block_size:
@@ -491,6 +501,9 @@ class Vault:
         added = self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])
         if added:
             ledger.record_added(self.root, added)
+        if self.remote:  # remote tier: write through (conditional puts)
+            remote_sync.write_through(self, ns, keys, added or {"namespace": ns.id, "label": label, "source": source,
+                                                                "n_tokens": len(toks), "created": time.time()})
         res.evicted = self._enforce_cap()
         log.info("warmed %d tokens: %d of %d chunks written (%d bytes), %d tokens restored, %d evicted",
                  res.tokens, res.written, res.chunks, res.bytes_written, res.tokens_reused, res.evicted)
@@ -658,6 +671,8 @@ class Vault:
         for i in todo:
             start, end = spans[i]
             self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res, at=at)
+        if self.remote:  # remote tier: write through (conditional puts)
+            remote_sync.write_through(self, ns, keys)
         res.evicted = self._enforce_cap()
         return res
 
