@@ -251,7 +251,7 @@ class RemoteTier:
         if code:
             return RemoteError(self._message(f"{what} failed ({code})", None))
         text = str(e).lower()
-        if "timed out" in text or "timeout" in text:
+        if "timed out" in text or "deadline has elapsed" in text:  # not "retry_timeout", in every message
             why = f"timed out after {self.timeout_s:g} s"
         elif "error sending request" in text or "connect" in text or "dns" in text:
             why = "connection failed"
