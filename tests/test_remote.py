@@ -137,3 +137,18 @@ def test_cli_usage_errors_are_one_line(s3, tmp_path):
     assert res.returncode == 2 and "no remote" in res.stderr
     assert_no_secret(res.stdout, res.stderr)
     assert ACCESS_KEY and SECRET_KEY
+
+
+def test_bench_speed_remote(smollm, s3):
+    """`bench speed --remote S3_URL`: a restore from the remote, then from disk, of the same prefix."""
+    from click.testing import CliRunner
+
+    from promptvault.cli import main
+
+    res = CliRunner().invoke(main, ["bench", "speed", "--remote", f"s3://{s3.bucket()}/bench", "--lengths", "64",
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.stdout)["rows"][0]
+    assert row["tokens"] == 64 and row["chunks"] == 1 and row["chunks_put"] == 1
+    assert 0 < row["remote_fetch_s"] < row["restore_remote_s"] and row["restore_disk_s"] > 0
+    assert_no_secret(res.output)

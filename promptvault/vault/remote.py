@@ -171,6 +171,10 @@ class RemoteTier:
         except Exception as e:
             raise self._error("read", e) from None
 
+    def map(self, fn, items):
+        """fn over items on the remote's thread pool (lazily, in order): for requests only."""
+        return self._pool.map(fn, items)
+
     def get_many(self, paths: list[str]) -> list[bytes | None]:
         """get() of each path, in parallel, in order."""
         return list(self._pool.map(self.get, paths))

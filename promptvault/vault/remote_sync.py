@@ -154,7 +154,7 @@ def _gets(remote: RemoteTier, paths: list[str]):
             return remote.get(path)
         except RemoteError as e:
             return e
-    return remote._pool.map(one, paths)
+    return remote.map(one, paths)
 
 
 def _fetch_leaf(vault, ns: Namespace, remote: RemoteTier, parent: str | None, rest: np.ndarray, have: int) -> int:

@@ -671,8 +671,8 @@ class Vault:
         for i in todo:
             start, end = spans[i]
             self._store(ns, cache, toks, start, end, keys[i], keys[i - 1] if i else None, res, at=at)
-        if self.remote:  # remote tier: write through (conditional puts)
-            remote_sync.write_through(self, ns, keys)
+        if self.remote:  # remote tier: write through (conditional puts) what this call stored
+            remote_sync.write_through(self, ns, [keys[i] for i in todo])
         res.evicted = self._enforce_cap()
         return res
 
