@@ -29,6 +29,7 @@ import configparser
 import datetime
 import os
 import re
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from promptvault.vault.errors import VaultError
 
 DEFAULT_TIMEOUT_S = 10.0  # one request, connect included (PROMPTVAULT_REMOTE_TIMEOUT overrides)
 CONNECT_TIMEOUT_S = 3.0
+DOWN_S = 300.0  # after a failure, the restore/write hooks leave the remote alone this long
 WORKERS = 8  # parallel requests: enough to hide a round trip per chunk, polite to the server
 SUFFIX = ".safetensors"
 _URL = re.compile(r"^s3://([a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])(?:/(.*))?$")
@@ -130,10 +132,21 @@ class RemoteTier:
         except Exception as e:  # a bad endpoint or configuration value
             raise RemoteError(self._message("cannot be configured", e)) from None
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="promptvault-remote")
-        self.down: str | None = None  # why the remote stopped being asked, once it failed in a run
+        self._down_until = 0.0  # time.monotonic() before which the hooks do not ask (see mark_down)
 
     def __repr__(self) -> str:
         return f"RemoteTier({self.url!r})"
+
+    @property
+    def down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def mark_down(self) -> bool:
+        """Stop the hooks asking for DOWN_S (a run's whole life; a long-lived server asks again
+        later); True if it was up, i.e. this is news worth one warning."""
+        news = not self.down
+        self._down_until = time.monotonic() + DOWN_S
+        return news
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -11,8 +11,9 @@
 - push / pull: the same two moves for whole warmed prompts, by label, on request.
 
 A remote that is down, slow or refusing never breaks a run: the hooks (fetch, write_through)
-turn the first RemoteError into ONE warning line, mark the remote down for the rest of the
-process and return, so local tiers (or a cold prefill) serve. push and pull, which exist only to
+turn the first RemoteError into ONE warning line and leave the remote alone for a while
+(remote.DOWN_S: the rest of a run; a long-lived process asks again later), so local tiers (or a
+cold prefill) serve. push and pull, which exist only to
 talk to the remote, raise it instead (one-line error, non-zero exit).
 """
 
@@ -94,8 +95,7 @@ def _adopt(vault, ns: Namespace, data: bytes, key: str, parent: str | None, remo
 
 def _down(remote: RemoteTier, error: RemoteError) -> None:
     """The one warning a run gets about its remote; later hooks skip the remote."""
-    if remote.down is None:
-        remote.down = str(error)
+    if remote.mark_down():
         log.warning("%s: using the local tiers only", error)
 
 
