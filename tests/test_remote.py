@@ -157,6 +157,7 @@ def test_bench_speed_remote(smollm, s3):
 def test_credentials_region_and_endpoint_from_a_profile(s3, tmp_path, monkeypatch):
     """Without AWS_ACCESS_KEY_ID, the profile in the shared files gives credentials, region and
     endpoint (object_store reads only the variables); the secret never reaches a message."""
+    bucket = s3.bucket()  # before the variables change (boto3 caches the profiles it read)
     (tmp_path / "credentials").write_text("[team]\naws_access_key_id = AKIAPROFILEKEY\n"
                                           "aws_secret_access_key = profile/secret/value\n")
     (tmp_path / "config").write_text(f"[profile team]\nregion = eu-west-1\nendpoint_url = {s3.endpoint}\n")
@@ -165,7 +166,6 @@ def test_credentials_region_and_endpoint_from_a_profile(s3, tmp_path, monkeypatc
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     monkeypatch.setenv("AWS_PROFILE", "team")
-    bucket = s3.bucket()
     remote = RemoteTier(f"s3://{bucket}/p")
     assert remote.endpoint == s3.endpoint and remote.store.config["region"] == "eu-west-1"
     assert remote.put_new("x", b"1") and remote.get("x") == b"1"

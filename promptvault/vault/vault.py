@@ -86,7 +86,7 @@ class RestoreResult:
     cache: list  # fresh mlx-lm cache objects (empty ones on a miss)
     tokens_total: int
     tokens_reused: int
-    tier: str  # "ram", "disk" or "none"
+    tier: str  # "ram", "disk", "remote" (chunks came from the remote tier) or "none"
     lookup_s: float
     read_s: float  # shard reads + checksums (0 for RAM hits)
     decode_s: float  # payloads -> cache objects, evaluated
