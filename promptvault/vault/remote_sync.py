@@ -198,10 +198,10 @@ def push_chain(vault, remote: RemoteTier, ns: Namespace, keys: list[str], warmed
     for row, path, there in zip(rows, paths, remote.exists_many(paths)):
         if there:
             continue
+        path = vault.shards / row["file"]
         try:
-            with open(vault.shards / row["file"], "rb") as f:
-                data = f.read()
-            check_object(verify_bytes(data), ns.id, row["key"])
+            check_object(read_shard(path), ns.id, row["key"])
+            data = path.read_bytes()  # shard files are immutable: these are the bytes just checked
         except (OSError, CorruptShard):
             continue  # evicted meanwhile, or damaged (the local read path quarantines it)
         items.append((path, data))
