@@ -181,3 +181,23 @@ def test_two_directories_four_processes_one_bucket(smollm, s3, tmp_path):
             r = run_prompt(lm, q_toks, vault=c, save=False, max_tokens=4)
             assert r.reused_tokens == len(doc_tokens(lm, p.read_text()))
             assert r.text == cold_text(lm, q_toks)[: len(r.text)] and r.generation_tokens == 4
+
+
+def test_a_silent_remote_times_out():
+    """A server that accepts connections and never answers: every call ends at the timeout."""
+    import socket
+
+    import pytest
+
+    from promptvault.vault.remote import RemoteError, RemoteTier
+
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(16)  # the kernel accepts; nobody ever reads or answers
+        remote = RemoteTier("s3://silent-bucket/x", endpoint=f"http://127.0.0.1:{srv.getsockname()[1]}", timeout_s=1)
+        for call in (lambda: remote.get("k"), lambda: remote.put_new("k", b"x"), lambda: remote.list("")):
+            start = time.perf_counter()
+            with pytest.raises(RemoteError, match="is unreachable: timed out after 1 s"):
+                call()
+            assert time.perf_counter() - start < 5
+        remote.close()

@@ -132,6 +132,7 @@ class RemoteTier:
         except Exception as e:  # a bad endpoint or configuration value
             raise RemoteError(self._message("cannot be configured", e)) from None
         self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="promptvault-remote")
+        self.described: set[str] = set()  # namespaces whose descriptor this process has put
         self._down_until = 0.0  # time.monotonic() before which the hooks do not ask (see mark_down)
 
     def __repr__(self) -> str:
@@ -268,7 +269,7 @@ class RemoteTier:
         if code:
             return RemoteError(self._message(f"{what} failed ({code})", None))
         text = str(e).lower()
-        if "timed out" in text or "deadline has elapsed" in text:  # not "retry_timeout", in every message
+        if any(t in text for t in ("timed out", "timedout", "kind: timeout")):  # not "retry_timeout": in every message
             why = f"timed out after {self.timeout_s:g} s"
         elif "error sending request" in text or "connect" in text or "dns" in text:
             why = "connection failed"
@@ -280,7 +281,8 @@ class RemoteTier:
         where = f" at {self.endpoint}" if self.endpoint else ""
         text = f"remote {self.url}{where} {what}" + (f" ({type(e).__name__})" if e is not None else "")
         for secret in self._secrets:  # belt and braces: nothing above quotes a secret
-            text = text.replace(secret, "***")
+            if len(secret) >= 8:  # a real one; "x" or "test" would only mangle the message
+                text = text.replace(secret, "***")
         return text
 
 

@@ -198,25 +198,23 @@ def push_chain(vault, remote: RemoteTier, ns: Namespace, keys: list[str], warmed
     for row, path, there in zip(rows, paths, remote.exists_many(paths)):
         if there:
             continue
-        path = vault.shards / row["file"]
+        local = vault.shards / row["file"]
         try:
-            check_object(read_shard(path), ns.id, row["key"])
-            data = path.read_bytes()  # shard files are immutable: these are the bytes just checked
+            check_object(read_shard(local), ns.id, row["key"])
+            data = local.read_bytes()  # shard files are immutable: these are the bytes just checked
         except (OSError, CorruptShard):
             continue  # evicted meanwhile, or damaged (the local read path quarantines it)
         items.append((path, data))
     stored = sum(remote.put_many(items))
-    if remote.namespace_path(ns.id) not in _described.setdefault(id(remote), set()):
+    if ns.id not in remote.described:
         remote.put_new(remote.namespace_path(ns.id), canonical_json(ns.descriptor).encode())
-        _described[id(remote)].add(remote.namespace_path(ns.id))
+        remote.described.add(ns.id)
     if warmed is not None and len(rows) == len(keys):
         record = {"namespace": ns.id, "label": warmed.get("label"), "source": warmed.get("source"),
                   "n_tokens": warmed["n_tokens"], "created": warmed.get("created"), "last_key": keys[-1], "keys": keys}
         remote.put_new(remote.warmed_path(ns.id, keys[-1]), canonical_json(record).encode())
     return stored
 
-
-_described: dict[int, set] = {}  # descriptors this process already put, per remote
 
 
 # push / pull (explicit: errors raise)
