@@ -49,6 +49,8 @@ _API = {
     "VaultSettingsError": "promptvault.vault.errors",
     "CapTooSmallError": "promptvault.vault.errors",
     "UnsupportedCacheError": "promptvault.vault.caches",
+    "RemoteTier": "promptvault.vault.remote",
+    "RemoteError": "promptvault.vault.remote",
 }
 
 __all__ = ["__version__", *_API]
@@ -84,5 +86,6 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from promptvault.vault.results import (ChunkInfo, Description, GcResult, NamespaceStats, ReindexResult,
                                            RmResult, Settings, StoreResult, VaultStats, VerifyResult, Warmed)
     from promptvault.vault.caches import UnsupportedCacheError
+    from promptvault.vault.remote import RemoteError, RemoteTier
     from promptvault.vault.store import LookupResult, RestoreResult
     from promptvault.vault.vault import Vault

@@ -17,6 +17,7 @@ from promptvault.cli.bench import bench
 from promptvault.cli.chat import chat_cmd
 from promptvault.cli.doctor import doctor
 from promptvault.cli.maintenance import COMMANDS as MAINTENANCE_COMMANDS
+from promptvault.cli.remote import COMMANDS as REMOTE_COMMANDS
 from promptvault.cli.run import run_cmd
 from promptvault.cli.serve import serve_cmd
 from promptvault.cli.warm import warm_cmd
@@ -76,5 +77,5 @@ def main(verbose):
     logger.propagate = False
 
 
-for command in (warm_cmd, run_cmd, chat_cmd, serve_cmd, *MAINTENANCE_COMMANDS, doctor, bench):
+for command in (warm_cmd, run_cmd, chat_cmd, serve_cmd, *MAINTENANCE_COMMANDS, *REMOTE_COMMANDS, doctor, bench):
     main.add_command(command)

@@ -42,8 +42,13 @@ def codec_cmd(bits_list, dims, tokens, seed, model, real, as_json):
 @click.option("--workdir", default=None, help="Directory for the temporary vault and mlx-lm files.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--profile", is_flag=True, help="Also print where the disk restore's time goes.")
-def speed_cmd(model, lengths, seed, workdir, as_json, profile):
-    """Cold prefill vs warm vs restore (RAM, disk) vs mlx-lm's save/load_prompt_cache."""
+@click.option("--remote", is_flag=False, flag_value="", default=None, metavar="S3_URL",
+              help="Instead: restore from a remote tier vs disk vs cold (no URL: moto's S3 server on 127.0.0.1).")
+@click.option("--remote-endpoint", default=None, metavar="URL", help="S3-compatible endpoint for --remote S3_URL.")
+def speed_cmd(model, lengths, seed, workdir, as_json, profile, remote, remote_endpoint):
+    """Cold prefill vs warm vs restore (RAM, disk) vs mlx-lm's save/load_prompt_cache.
+
+    --remote: cold prefill vs restore from a shared remote tier vs from the local disk."""
     import mlx.core as mx
 
     from promptvault.bench.speed import format_table as speed_table, run_speed_bench
@@ -56,6 +61,12 @@ def speed_cmd(model, lengths, seed, workdir, as_json, profile):
         raise click.BadParameter("expected comma-separated integers")
     if any(n < 1 for n in lens):
         raise click.BadParameter("prefix lengths must be positive")
+    if remote is not None:  # remote tier (promptvault/bench/remote_speed.py)
+        from promptvault.bench.remote_speed import format_table as remote_table, run_remote_bench
+
+        result = run_remote_bench(model, lens, remote or None, remote_endpoint, seed=seed, workdir=workdir)
+        click.echo(json.dumps(result, indent=1) if as_json else remote_table(result))
+        return
     result = run_speed_bench(model, lens, seed=seed, workdir=workdir)
     click.echo(json.dumps(result, indent=1) if as_json else speed_table(result, profile=profile))
 

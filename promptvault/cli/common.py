@@ -63,9 +63,11 @@ class Bits(click.ParamType):
 
 
 def vault_option(fn):
-    """--vault alone: for verbs that run no model, so no block size, caps or codec apply."""
-    return click.option("--vault", "vault_path", type=click.Path(path_type=Path), default=None,
-                        help="Vault directory [default: $PROMPTVAULT_HOME or ~/.cache/promptvault].")(fn)
+    """--vault (and the remote tier's options): for verbs that run no model, so no block size,
+    caps or codec apply."""
+    fn = click.option("--vault", "vault_path", type=click.Path(path_type=Path), default=None,
+                      help="Vault directory [default: $PROMPTVAULT_HOME or ~/.cache/promptvault].")(fn)
+    return remote_options(fn)
 
 
 def vault_options(fn):
@@ -95,6 +97,48 @@ class CodecName(click.ParamType):
             return KVCodec.parse(str(value))
         except ValueError as e:
             self.fail(str(e), param, ctx)
+
+
+# --- remote tier (promptvault/vault/remote.py) ---------------------------------------------------
+# --remote and --remote-endpoint ride along with the vault options of every verb without changing
+# any verb's signature: they are kept in the click context, and open_vault reads them there.
+_REMOTE_META = "promptvault.remote"
+
+
+def remote_options(fn):
+    """--remote [s3://bucket/prefix] (default $PROMPTVAULT_REMOTE) and --remote-endpoint URL.
+
+    `--remote` without a URL uses $PROMPTVAULT_REMOTE. Giving the flag is what asks the
+    maintenance verbs (ls, stats, verify, gc) to look at the remote too; run, warm and chat use
+    $PROMPTVAULT_REMOTE even without it."""
+
+    @click.option("--remote", "remote", is_flag=False, flag_value="", default=None, metavar="S3_URL",
+                  help="Shared remote tier s3://bucket/prefix [default: $PROMPTVAULT_REMOTE].")
+    @click.option("--remote-endpoint", default=None, metavar="URL",
+                  help="S3-compatible endpoint (MinIO, R2, …) [default: $AWS_ENDPOINT_URL, else AWS].")
+    @functools.wraps(fn)
+    def wrapper(*args, remote=None, remote_endpoint=None, **kwargs):
+        url = remote or os.environ.get("PROMPTVAULT_REMOTE") or None
+        if remote is not None and not url:
+            raise click.UsageError("--remote needs s3://bucket/prefix (or set PROMPTVAULT_REMOTE)")
+        if url is not None and not url.startswith("s3://"):
+            raise click.UsageError(f"--remote takes s3://bucket/prefix, not {url!r}")
+        click.get_current_context().meta[_REMOTE_META] = (url, remote_endpoint, remote is not None)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def remote_asked() -> bool:
+    """The command line gave --remote (the maintenance verbs then act on the remote too)."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get(_REMOTE_META, (None, None, False))[2])
+
+
+def _remote_setting():
+    ctx = click.get_current_context(silent=True)
+    url, endpoint, _ = ctx.meta.get(_REMOTE_META, (None, None, False)) if ctx else (None, None, False)
+    return url, endpoint
 
 
 def codec_options(fn):
@@ -173,6 +217,11 @@ def make_codec(key_bits, value_bits, quality=None, codec: KVCodec | None = None)
 
 def open_vault(vault_path, block_size=None, ram_cap=None, disk_cap=None, codec=None) -> Vault:
     kwargs = {"block_size": block_size, "disk_cap": disk_cap, "codec": codec}
+    url, endpoint = _remote_setting()
+    if url:
+        from promptvault import RemoteTier
+
+        kwargs["remote"] = RemoteTier(url, endpoint=endpoint)
     if ram_cap is not None:
         kwargs["ram_cap"] = ram_cap
     return Vault(vault_path or default_vault_path(), **kwargs)

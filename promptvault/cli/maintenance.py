@@ -10,6 +10,7 @@ import time
 
 import click
 
+from promptvault.cli import remote as remote_cli
 from promptvault.cli.common import ByteSize, json_option, open_vault, vault_option
 from promptvault.cli.quality import quality_of
 from promptvault.tables import format_table
@@ -27,8 +28,10 @@ def _when(ts) -> str:
 @vault_option
 @json_option
 def ls_cmd(vault_path, as_json):
-    """List warmed prompts."""
+    """List warmed prompts (--remote: those the remote holds)."""
     with open_vault(vault_path) as vault:
+        if remote_cli.asked():  # remote tier
+            return _echo(remote_cli.ls(vault), as_json, lambda r: format_table(r, remote_cli.LS_COLUMNS))
         rows = [{"label": w.label, "source": w.source, "tokens": w.tokens, "namespace": w.namespace[:12],
                  "created": _when(w.created), "last_key": w.last_key} for w in vault.warmed()]
     _echo(rows, as_json, lambda r: format_table(r, ["label", "source", "tokens", "namespace", "created"]))
@@ -59,9 +62,13 @@ def _stats_text(s: dict) -> str:
 @vault_option
 @json_option
 def stats_cmd(vault_path, as_json):
-    """Chunks, bytes on disk and their float16 equivalent, per namespace."""
+    """Chunks, bytes on disk and their float16 equivalent, per namespace (--remote: and the remote's)."""
     with open_vault(vault_path) as vault:
-        _echo(_stats_json(vault.stats()), as_json, _stats_text)
+        stats, text = _stats_json(vault.stats()), _stats_text
+        if remote_cli.asked():  # remote tier
+            stats["remote"] = remote_cli.stats(vault)
+            text = lambda s: _stats_text(s) + "\n\n" + remote_cli.stats_text(s["remote"])  # noqa: E731
+        _echo(stats, as_json, text)
 
 
 def _description_json(d) -> dict:
@@ -88,14 +95,21 @@ def inspect_cmd(ref, vault_path, as_json):
 @vault_option
 @json_option
 def verify_cmd(vault_path, as_json):
-    """Check every shard file (indexed or not); quarantine the corrupt, adopt the unindexed."""
+    """Check every shard file (indexed or not); quarantine the corrupt, adopt the unindexed.
+
+    --remote: also download and check every chunk object of the remote (reported, not deleted)."""
     with open_vault(vault_path) as vault:
         result = vault.verify()
+        remote = remote_cli.verify(vault) if remote_cli.asked() else None  # remote tier
     report = {"checked": result.checked, "corrupt": len(result.bad), "quarantined": len(result.bad),
               "adopted": len(result.adopted), "missing": len(result.missing), "bad_keys": result.bad}
-    _echo(report, as_json, lambda r: (f"checked {r['checked']} chunks: {r['corrupt']} corrupt, {r['quarantined']} "
-                                      f"quarantined, {r['adopted']} unindexed adopted, {r['missing']} missing files"))
-    if report["corrupt"]:
+    text = lambda r: (f"checked {r['checked']} chunks: {r['corrupt']} corrupt, {r['quarantined']} "  # noqa: E731
+                      f"quarantined, {r['adopted']} unindexed adopted, {r['missing']} missing files")
+    if remote is not None:
+        report["remote"] = remote
+        text = lambda r, local=text: local(r) + "\n" + remote_cli.verify_text(r["remote"])  # noqa: E731
+    _echo(report, as_json, text)
+    if report["corrupt"] or (remote and remote["bad"]):
         raise SystemExit(1)
 
 
@@ -109,10 +123,14 @@ def verify_cmd(vault_path, as_json):
 def gc_cmd(cap, evict_all, empty_quarantine, vault_path, as_json):
     """Remove temp files and stale rows, adopt orphan shards, and evict down to the disk cap.
 
+    --remote: also delete the remote's chunks that no warmed prompt uses (older than an hour).
+
     A cap smaller than one stored block is refused, and one that would evict every chunk needs
     --evict-all (to empty a vault: promptvault rm --all)."""
     with open_vault(vault_path, disk_cap=cap) as vault:
         result = dataclasses.asdict(vault.gc(evict_all=evict_all, empty_quarantine=empty_quarantine))
+        if remote_cli.asked():  # remote tier: only when asked
+            result["remote"] = remote_cli.gc(vault)
     _echo(result, as_json, lambda r: ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in r.items()))
 
 

@@ -44,7 +44,7 @@ class RestoreResult:
     cache: list  # fresh mlx-lm cache objects (empty ones on a miss)
     tokens_total: int
     tokens_reused: int
-    tier: str  # "ram", "disk" or "none"
+    tier: str  # "ram", "disk", "remote" (chunks came from the remote tier) or "none"
     lookup_s: float
     read_s: float  # chunks loaded: RAM hits, shard reads + checksums + arrays (wall time)
     decode_s: float  # payloads -> cache objects (decode and assembly), evaluated

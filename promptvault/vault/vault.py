@@ -42,11 +42,12 @@ from mlx_lm.models.cache import make_prompt_cache
 from promptvault.codec import KVCodec
 from promptvault.codec.spec import DEFAULT_CODEC
 from promptvault.tokens import token_array
-from promptvault.vault import caches
+from promptvault.vault import caches, remote_sync
 from promptvault.vault.errors import VaultPathError, VaultReadOnlyError, VaultSettingsError
 from promptvault.vault.index import Index, corrupt as _corrupt
 from promptvault.vault.maintenance import Maintenance
 from promptvault.vault.namespace import FORMAT_VERSION, Namespace, make_namespace
+from promptvault.vault.remote import open_remote
 from promptvault.vault.shards import SUFFIX
 from promptvault.vault.store import ChunkStore, LookupResult, RestoreResult
 from promptvault.vault.tiers import DiskTier, RamTier
@@ -67,13 +68,16 @@ class Vault(WritePath, Maintenance):
     ram_cap: bytes of compressed chunks kept in memory by this process (0 disables the tier).
         None: the stored one, else DEFAULT_RAM_CAP.
     codec: how new blocks are coded; part of the namespace, so each codec has its own entries.
+    remote: a shared remote tier below the disk, `s3://bucket/prefix` or a remote.RemoteTier
+        (credentials from the AWS variables/profile); None: local tiers only.
     """
 
     def __init__(self, path, *, block_size: int | None = None, disk_cap: int | None = None,
-                 ram_cap: int | None = None, codec: KVCodec | None = None):
+                 ram_cap: int | None = None, codec: KVCodec | None = None, remote=None):
         self.root = Path(path).expanduser()
         self.store = ChunkStore(self)
         self.codec = codec or DEFAULT_CODEC
+        self.remote = open_remote(remote)  # remote tier (remote.py, remote_sync.py)
         self.read_only = False  # set when the directory cannot be written: reads work, writes raise
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -170,6 +174,8 @@ class Vault(WritePath, Maintenance):
 
     def close(self) -> None:
         self.index.close()
+        if self.remote is not None:
+            self.remote.close()
 
     def __enter__(self):
         return self
@@ -201,7 +207,12 @@ class Vault(WritePath, Maintenance):
         quarantined) or holds other tokens than the prompt ends the restore there: the intact
         chunks before it are used, so one bad chunk costs only the tokens from it on.
         """
-        return self.store.restore(lm, _tokens(lm, tokens))
+        toks = _tokens(lm, tokens)
+        fetched = remote_sync.fetch(self, lm, toks) if self.remote else 0  # remote tier: into the disk tier
+        result = self.store.restore(lm, toks)
+        if fetched and result.tokens_reused:
+            result.tier = "remote"
+        return result
 
     def fetch(self, lm, tokens) -> tuple[list, list[int]]:
         """(cache, rest_tokens), as mlx-lm's LRUPromptCache.fetch_nearest_cache: fresh mlx-lm
@@ -227,6 +238,47 @@ class Vault(WritePath, Maintenance):
 
     def _quarantine(self, key: str, path: Path) -> None:
         self.store.quarantine(key, path)
+
+    # the remote tier (remote_sync.py moves chunks, remote_admin.py inspects the bucket)
+
+    def _remote(self):
+        if self.remote is None:
+            raise VaultSettingsError("no remote: give --remote s3://bucket/prefix (or set PROMPTVAULT_REMOTE)")
+        return self.remote
+
+    def push(self, labels: list[str] | None = None) -> dict:
+        """Put warmed prompts (those labels, or all) on the remote; chunks it holds are skipped."""
+        self._remote()
+        return remote_sync.push(self, labels)
+
+    def pull(self, labels: list[str] | None = None) -> dict:
+        """Copy warmed prompts (those labels, or all the remote holds) into this vault, each chunk
+        checked (checksum, key vs its tokens) before it is kept."""
+        self._remote()
+        return remote_sync.pull(self, labels)
+
+    def remote_warmed(self) -> list[dict]:
+        from promptvault.vault import remote_admin
+
+        return remote_admin.ls(self._remote())
+
+    def remote_stats(self) -> dict:
+        from promptvault.vault import remote_admin
+
+        return remote_admin.stats(self._remote())
+
+    def remote_verify(self) -> dict:
+        """Check every chunk object of the remote (reported, never deleted)."""
+        from promptvault.vault import remote_admin
+
+        return remote_admin.verify(self._remote())
+
+    def remote_gc(self) -> dict:
+        """Remove remote chunks no warmed prompt uses (older than an hour: another machine's warm
+        may still be putting its record)."""
+        from promptvault.vault import remote_admin
+
+        return remote_admin.gc(self._remote())
 
     def _iter_shard_files(self):
         """Published shard files under shards/ (a writer's temp files excluded), unsorted."""

@@ -20,7 +20,7 @@ import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
 from promptvault.tokens import token_array
-from promptvault.vault import caches, ledger
+from promptvault.vault import caches, ledger, remote_sync
 from promptvault.vault.records import EncodedChunk, Loaded, encode_chunk
 from promptvault.vault.errors import CapTooSmallError, VaultPathError, VaultSettingsError
 from promptvault.vault.keys import block_keys, block_spans, tokens_to_bytes
@@ -61,6 +61,8 @@ class WritePath:
         Timing: prefill_s and encode_s are this thread's; write_s is the writer thread's file
         time plus this thread's index time, so it overlaps the others.
         """
+        if self.remote:  # remote tier: leading chunks stored there are restored, not recomputed
+            remote_sync.fetch(self, lm, token_array(lm.tokenizer, tokens))
         toks, ns, spans, keys, have = self._store_plan(lm, tokens, "warm a prompt")
         done = 0  # leading chunks already stored (full blocks: restorable as a start)
         while done < len(keys) and keys[done] in have and spans[done][1] - spans[done][0] == self.block_size:
@@ -84,6 +86,9 @@ class WritePath:
         added = self.index.add_warmed(ns.id, label, source, len(toks), keys[-1])
         if added:
             ledger.record_added(self.root, added)
+        if self.remote:  # remote tier: write through (conditional puts)
+            remote_sync.write_through(self, ns, keys, added or {"namespace": ns.id, "label": label, "source": source,
+                                                                "n_tokens": len(toks), "created": time.time()})
         res.evicted = self._enforce_cap()
         log.info("warmed %d tokens: %d of %d chunks written (%d bytes), %d tokens restored, %d evicted",
                  res.tokens, res.written, res.chunks, res.bytes_written, res.tokens_reused, res.evicted)
@@ -178,6 +183,8 @@ class WritePath:
                 log.info("the cache no longer holds tokens [%d, %d): prefilling the prompt again", *spans[i])
                 return self.warm(lm, toks)
             self._store(self._prepare(ns, payload, toks, keys[i], keys[i - 1] if i else None), res)
+        if self.remote:  # remote tier: write through (conditional puts) what this call stored
+            remote_sync.write_through(self, ns, [keys[i] for i in todo])
         res.evicted = self._enforce_cap()
         return res
 
