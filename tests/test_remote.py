@@ -19,7 +19,7 @@ from promptvault.vault.remote import RemoteError, RemoteTier, parse_url
 from promptvault.vault.remote_admin import gc as remote_gc
 from promptvault.vault.remote_admin import ls as remote_ls
 from promptvault.vault.remote_sync import pull, push, remote_warmed
-from promptvault.vault.vault import _chain_keys
+from promptvault.vault.keys import block_keys
 
 
 def _json(res):
@@ -112,7 +112,7 @@ def test_push_pull_and_gc(smollm, s3, tmp_path):
         smollm.model(mx.array(stray)[None], cache=cache)
         c.save(smollm, cache, stray)
         ns = c.namespace(smollm)
-        stray_keys = set(_chain_keys(ns, np.array(stray), c._spans(len(stray))))
+        stray_keys = set(block_keys(ns.digest, np.array(stray), c.block_size, tail=True))
         live = {k for r in remote_warmed(c.remote) for k in r["keys"]}
         assert stray_keys - live
         bucket = remote.split("/")[2]

@@ -17,7 +17,7 @@ from test_reliability_common import (BLOCK, CODEC, EXE, LOSSLESS, QUESTION, cold
 from promptvault.generate import run_prompt
 from promptvault.vault import Vault
 from promptvault.vault.remote_admin import verify as remote_verify
-from promptvault.vault.vault import _chain_keys
+from promptvault.vault.keys import block_keys
 
 
 def _warnings(stderr: str) -> list[str]:
@@ -93,7 +93,7 @@ def test_corrupt_and_truncated_objects_are_not_used(smollm, s3, tmp_path):
     lm = smollm
     ns = Vault(tmp_path / "A", codec=CODEC).namespace(lm)
     doc_toks = np.array(doc_tokens(lm, doc.read_text()))
-    keys = _chain_keys(ns, doc_toks, [(s, min(s + BLOCK, len(doc_toks))) for s in range(0, len(doc_toks), BLOCK)])
+    keys = block_keys(ns.digest, doc_toks, BLOCK, tail=True)
     client = s3.client()
     paths = [f"team/ns/{ns.id}/blocks/{k}.safetensors" for k in keys[1:3]]
     data = client.get_object(Bucket=bucket, Key=paths[0])["Body"].read()
@@ -169,7 +169,7 @@ def test_two_directories_four_processes_one_bucket(smollm, s3, tmp_path):
     wanted = set()
     for p in prompts:
         toks = np.array(doc_tokens(lm, p.read_text()))
-        wanted |= set(_chain_keys(ns, toks, [(s, min(s + BLOCK, len(toks))) for s in range(0, len(toks), BLOCK)]))
+        wanted |= set(block_keys(ns.digest, toks, BLOCK, tail=True))
     objects = s3.objects(remote.split("/")[2])
     chunk_names = [k.rsplit("/", 1)[-1].removesuffix(".safetensors") for k in objects if k.endswith(".safetensors")]
     assert sorted(chunk_names) == sorted(wanted)  # each chunk once, nothing else

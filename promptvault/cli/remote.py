@@ -15,6 +15,11 @@ def asked() -> bool:
     return remote_asked()
 
 
+def _need_remote(vault) -> None:
+    if vault.remote is None:
+        raise click.UsageError("no remote: give --remote s3://bucket/prefix (or set PROMPTVAULT_REMOTE)")
+
+
 def ls(vault) -> list[dict]:
     return vault.remote_warmed()
 
@@ -61,6 +66,7 @@ def push_cmd(labels, everything, vault_path, as_json):
     Example: promptvault push manual.txt --remote s3://team-bucket/vault"""
     wanted = _labels(labels, everything)
     with open_vault(vault_path) as vault:
+        _need_remote(vault)
         result = vault.push(wanted)
     click.echo(json.dumps(result, indent=1) if as_json else
                f"pushed {result['prompts']} warmed prompts to {result['remote']}: {result['chunks_put']} chunks put")
@@ -78,6 +84,7 @@ def pull_cmd(labels, everything, vault_path, as_json):
     Example: promptvault pull manual.txt --remote s3://team-bucket/vault"""
     wanted = _labels(labels, everything)
     with open_vault(vault_path) as vault:
+        _need_remote(vault)
         result = vault.pull(wanted)
     click.echo(json.dumps(result, indent=1) if as_json else
                f"pulled {result['prompts']} warmed prompts from {result['remote']}: {result['chunks_fetched']} "
