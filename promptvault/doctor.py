@@ -1,7 +1,7 @@
 """`promptvault doctor`: what this machine will do with MLX, and how to make it faster.
 
 The most common surprise is on Linux CPU: `mlx[cpu]` bundles a reference BLAS that runs fp32
-matmul ~30x slower than OpenBLAS (≈6 vs ≈180 GFLOP/s on 2 cores). The doctor measures the
+matmul an order of magnitude slower than OpenBLAS. The doctor measures the
 matmul rate instead of guessing, checks whether OpenBLAS is mapped into this process, and
 says exactly how to fix it. It also reports the model cache, where GGUF conversions live.
 """

@@ -1,5 +1,5 @@
 """`--quality exact|high|balanced|small`: codec presets a person can choose without reading the
-codec section. Each is a row of the README's fidelity tables (SmolLM2-135M-Instruct, 20 prompts ×
+codec section. Each is a row of the fidelity tables in docs/fidelity.md (SmolLM2-135M-Instruct, 20 prompts ×
 1,024 tokens, teacher-forced KL vs lossless; "vs fp16" counts every byte on disk of a float32 CPU
 cache, so lossless is 0.50x there and 1x for a float16 cache):
 

@@ -49,7 +49,7 @@ class LoadedModel:
 
 
 def default_dtype_name() -> str:
-    """float32 on CPU (half-precision matmul is ~30x slower there), bfloat16 on a GPU."""
+    """float32 on CPU (half-precision matmul is far slower there), bfloat16 on a GPU."""
     return "float32" if mx.default_device() == mx.cpu else "bfloat16"
 
 

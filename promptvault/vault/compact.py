@@ -1,9 +1,9 @@
 """Compact JSON for shard metadata: subtrees that repeat are written once.
 
 A block's payload meta describes every layer, and most layers are described identically (same
-cache type, same codec spec, same shapes); spelled out, that JSON was ~8 KiB per shard. Here
+cache type, same codec spec, same shapes); spelled out, that JSON would repeat per layer. Here
 each repeated dict or list is stored once in "defs" and referenced as {"$": i}, which keeps the
-metadata plain, readable JSON while cutting it ~10x. Input dicts must not use the key "$".
+metadata plain, readable JSON and its size independent of the number of layers. Input dicts must not use the key "$".
 """
 
 from __future__ import annotations

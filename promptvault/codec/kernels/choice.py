@@ -1,7 +1,7 @@
 """Backend choice, once per process: what `encode` / `decode` run on this device.
 
   - MLX's CUDA backend with the GPU as default device → the CUDA kernels (checked against the
-    reference on an H100: README.md (Speed));
+    reference on a GPU: docs/speed.md);
   - Metal → the kernels are compiled and compared with the reference on a small random batch
     first (`checks.self_check`); on failure one warning, then the reference for the process;
   - anything else (CPU) → the pure-MLX reference (promptvault.codec.turboquant).

@@ -26,8 +26,8 @@ _MAX_ELEMS = 2**31 - 1
 @dataclass
 class Knobs:
     """Tuning of the plan decode kernel, read when a kernel is built (`promptvault bench kernels
-    --sweep` varies them; tests set them). decode_v2: plain specs use the plan kernel too (not
-    yet measured on a GPU: README.md (Speed)); warps: warps launched at most (each loops over its
+    --sweep` varies them; tests set them). decode_v2: plain specs use the plan kernel too (measured by
+    `promptvault bench kernels --sweep`); warps: warps launched at most (each loops over its
     items); unroll: items per loop iteration (all their loads issued before the first is
     computed); contiguous_max_e: contiguous layout up to E coordinates per lane."""
 
@@ -157,8 +157,8 @@ def uses_plan_kernel(spec: CodecSpec) -> bool:
 
 def contiguous(cfg: KernelConfig) -> bool:
     """Plain decode kernel layout: for power-of-two d ≤ 128, lane l holds the E ≤ 4 adjacent
-    coordinates i = l·E + j (one byte load per bit-plane); otherwise i = j·L + l. Measured on the
-    H100 (README.md (Speed)): faster at d = 64 / 128, slower at d = 256 (E = 8: a warp's stores
+    coordinates i = l·E + j (one byte load per bit-plane); otherwise i = j·L + l. On the GPU
+    (docs/speed.md) it is faster at d = 64 / 128 and slower at d = 256 (E = 8: a warp's stores
     spread over 16-byte strides), so d = 256 keeps the strided layout."""
     m, k2, lanes, e = cfg.layout
     return m == 1 and lanes == 32 and e <= 4
