@@ -201,7 +201,9 @@ def test_shards_describe_themselves(shared_vault, smollm):
     with safe_open(str(path), framework="numpy") as f:  # a plain safetensors reader
         meta = f.metadata()
         assert f.get_tensor("_tokens").tolist() == a[256:512]
-        assert f.get_tensor("l00.s0.k.codes").shape == (1, 3, 256, 24)  # 64 coords x 3 bits
+        # one group of all 30 layers: 64 coords x 3 bits, stacked on a leading layer axis
+        assert f.get_tensor("g0.s0.k.codes").shape == (30, 1, 3, 256, 24)
+        assert set(f.keys()) == {"_tokens", *(f"g0.s0.{r}.{a}" for r in "kv" for a in ("codes", "norms"))}
     chunk = json.loads(meta["chunk"])
     assert chunk == {"key": rows[1]["key"], "parent": rows[0]["key"], "namespace": rows[1]["namespace"],
                      "position": 256, "n_tokens": 256}
