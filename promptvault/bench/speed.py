@@ -174,7 +174,7 @@ def bench_prefix(lm, n: int, workdir: Path, *, seed: int = 0, block_size: int | 
     # cold prefill (its 2,048-token steps compile kernels the short one does not)
     cold_prefill(lm.model, tokens[: min(n, 64)])
     if mx.default_device() == mx.gpu:
-        del cold_prefill(lm.model, tokens[:n])[0]
+        cold_prefill(lm.model, tokens[:n])
 
     cache, row["cold_prefill_s"] = cold_prefill(lm.model, tokens[:n])
     row["fp16_bytes"] = _kv_fp16_bytes(cache, n)
