@@ -6,10 +6,11 @@ import sqlite3
 import struct
 
 import numpy as np
+import pytest
 import sqlite_utils
 
 from promptvault.migrations import migrations
-from promptvault.vault.index import Index
+from promptvault.vault.index import Index, corrupt
 from promptvault.vault.keys import block_keys, chunk_key, tokens_to_bytes
 from promptvault.vault.lookup import plan
 from promptvault.vault.namespace import make_namespace
@@ -90,3 +91,20 @@ def test_plan_blocks_lcp_and_leaves(tmp_path):
         raise AssertionError("NOT NULL constraints missing")
     except sqlite3.IntegrityError:
         pass
+
+
+def test_a_garbled_schema_format_number_counts_as_corruption(tmp_path):
+    """SQLite reports a header whose schema format number is out of range as a plain
+    SQLITE_ERROR ("unsupported file format"); the vault must treat it as a damaged index (set it
+    aside and rebuild from the shards), not as a setting it cannot use."""
+    path = tmp_path / "index.sqlite"
+    with sqlite3.connect(path) as db:
+        db.execute("create table t(x)")
+    data = bytearray(path.read_bytes())
+    data[47] = 0xFF  # last byte of the schema format number (header offset 44, 4 bytes)
+    path.write_bytes(bytes(data))
+    with pytest.raises(sqlite3.DatabaseError) as err:
+        sqlite3.connect(path).execute("select * from t").fetchall()
+    assert "unsupported file format" in str(err.value)
+    assert corrupt(err.value)
+    assert not corrupt(sqlite3.OperationalError("database is locked"))

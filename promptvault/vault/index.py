@@ -305,7 +305,11 @@ def _read_only_connection(path: Path) -> sqlite3.Connection:
 
 
 def corrupt(error: sqlite3.DatabaseError) -> bool:
-    """SQLite says the file is damaged or not a database (not merely busy, full or read-only)."""
+    """SQLite says the file is damaged or not a database (not merely busy, full or read-only).
+    A garbled header's schema format number is reported as a plain SQLITE_ERROR, "unsupported
+    file format": damage too."""
+    if "unsupported file format" in str(error):
+        return True
     name = getattr(error, "sqlite_errorname", None)
     if name is not None:
         return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
