@@ -48,8 +48,15 @@ def test_format1_vault_restores_the_same_bits(tmp_path, caplog, name, make):
     got = _state(r.cache)
     want = {k: expected[k] for k in expected.files if k not in ("tokens", "reused")}
     assert sorted(got) == sorted(want)
+    from promptvault.codec import kernels
+
+    exact = kernels.backend() == "reference"  # the fixtures were restored by the pure-MLX decode
     for k in want:
-        assert np.array_equal(got[k], want[k]), k
+        if exact or not np.issubdtype(want[k].dtype, np.floating):
+            assert np.array_equal(got[k], want[k]), k
+        else:  # the fused GPU kernels decode within 1 ulp of the reference
+            fi = np.finfo(want[k].dtype)
+            assert np.allclose(got[k], want[k], rtol=2 * fi.eps, atol=2 * fi.smallest_subnormal), k
     from promptvault.vault import store
     if "promptvault.caches/1" in store._OLD_FORMAT_NOTED and not caplog.records:
         return  # noted once per process, by an earlier case
