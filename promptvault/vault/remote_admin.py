@@ -8,8 +8,8 @@ import json
 import time
 
 from promptvault.vault.remote import SUFFIX, RemoteTier
-from promptvault.vault.remote_sync import check_object, remote_warmed, verify_bytes
-from promptvault.vault.shards import CorruptShard
+from promptvault.vault.remote_sync import check_object, remote_warmed
+from promptvault.vault.shards import CorruptShard, parse_shard
 
 GC_MIN_AGE_S = 3600  # a chunk younger than this may belong to a warm still putting its record
 _BATCH = 32  # objects held in memory at once while verifying
@@ -63,7 +63,7 @@ def verify(remote: RemoteTier) -> dict:
                     continue
                 checked += 1
                 try:
-                    check_object(verify_bytes(data), ns_id, key, parent)
+                    check_object(parse_shard(data), ns_id, key, parent)
                 except CorruptShard as e:
                     bad.append({"path": o.path, "bytes": o.size, "problem": str(e)})
     return {"remote": remote.url, "checked": checked, "ok": checked - len(bad), "bad": bad}

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -32,7 +30,7 @@ from promptvault.vault.keys import block_keys, chunk_key
 from promptvault.vault.lookup import _leaf_keys, plan
 from promptvault.vault.namespace import Namespace, canonical_json
 from promptvault.vault.remote import RemoteError, RemoteTier
-from promptvault.vault.shards import SUFFIX, CorruptShard, Shard, publish_shard, read_shard, relpath
+from promptvault.vault.shards import SUFFIX, CorruptShard, Shard, parse_shard, publish_shard, read_shard, relpath
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +61,6 @@ def check_object(shard: Shard, ns_id: str, key: str, parent: str | None = None) 
     return chunk
 
 
-def verify_bytes(data: bytes, directory=None) -> Shard:
-    """read_shard's checks (parse + checksum) on bytes that are not a shard file yet."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return read_shard(tmp)
-    finally:
-        os.unlink(tmp)
-
-
 def _adopt(vault, ns: Namespace, data: bytes, key: str, parent: str | None, remote: RemoteTier) -> bool:
     """Check a remote object and publish it as chunk `key` of the local disk tier; False if it
     failed its check (then nothing is written locally)."""
@@ -81,7 +68,7 @@ def _adopt(vault, ns: Namespace, data: bytes, key: str, parent: str | None, remo
     for d in (path.parent.parent, path.parent):
         d.mkdir(mode=0o700, exist_ok=True)
     try:
-        shard = verify_bytes(data, path.parent)
+        shard = parse_shard(data)
         check_object(shard, ns.id, key, parent)
     except CorruptShard as e:
         log.warning("remote %s: chunk %s failed its check (%s): not used (see: promptvault verify --remote)",

@@ -281,6 +281,15 @@ def _read_raw(path: Path) -> _Raw:
     if got != size:
         raise CorruptShard(f"short read: {got} of {size} bytes")
     t1 = time.perf_counter()
+    raw = _verified(buf)
+    raw.times = (t1 - t0, time.perf_counter() - t1)
+    return raw
+
+
+def _verified(buf: np.ndarray) -> _Raw:
+    """A whole shard's bytes checked against their checksum (CorruptShard if they do not parse or
+    match). xxhash only: safe on a worker thread."""
+    size = len(buf)
     view = memoryview(buf)
     try:
         n, header, digest = _parse_header(view[:8 + int.from_bytes(view[:8], "little")].tobytes()
@@ -294,7 +303,7 @@ def _read_raw(path: Path) -> _Raw:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise CorruptShard(str(e)) from e
-    return _Raw(buf, 8 + n, header, digest, (t1 - t0, time.perf_counter() - t1))
+    return _Raw(buf, 8 + n, header, digest)
 
 
 def _shard(raw: _Raw) -> Shard:
@@ -328,6 +337,11 @@ def _shard(raw: _Raw) -> Shard:
 def read_shard(path: Path) -> Shard:
     """Read and verify a shard; raises CorruptShard on any mismatch, OSError if unreadable."""
     return _shard(_read_raw(path))
+
+
+def parse_shard(data: bytes) -> Shard:
+    """read_shard's checks and arrays for bytes that are not a file yet (e.g. a remote object)."""
+    return _shard(_verified(np.frombuffer(data, dtype=np.uint8)))
 
 
 def read_shards(paths: list[Path], timing: Timing | None = None):
