@@ -13,6 +13,7 @@ of a request's blocks or none of them, never a half-written answer.
 import dataclasses
 
 from promptvault import UnsupportedCacheError
+from promptvault.vault import caches
 
 
 def fetch(vault, lm, tokens: list[int]) -> tuple[list, int]:
@@ -29,8 +30,8 @@ def store(vault, lm, cache: list, prompt: list[int], answer: list[int]) -> int:
     live cache cannot give (a ring dropped them, recurrent state moved on) it prefills again."""
     if vault.read_only:
         return 0
-    offset = getattr(cache[0], "offset", None) if cache else None
-    tokens = (prompt + answer)[:offset] if isinstance(offset, int) and offset >= len(prompt) else prompt
+    at = caches.position(cache)
+    tokens = (prompt + answer)[:at] if at is not None and at >= len(prompt) else prompt
     try:
         return vault.save(lm, cache, tokens).written
     except UnsupportedCacheError:
