@@ -11,7 +11,7 @@ import time
 import click
 
 from promptvault.cli import remote as remote_cli
-from promptvault.cli.common import ByteSize, json_option, open_vault, vault_option
+from promptvault.cli.common import ByteSize, json_option, open_vault, remote_asked, vault_option
 from promptvault.cli.quality import quality_of
 from promptvault.tables import format_table
 
@@ -30,8 +30,8 @@ def _when(ts) -> str:
 def ls_cmd(vault_path, as_json):
     """List warmed prompts (--remote: those the remote holds)."""
     with open_vault(vault_path) as vault:
-        if remote_cli.asked():  # remote tier
-            return _echo(remote_cli.ls(vault), as_json, lambda r: format_table(r, remote_cli.LS_COLUMNS))
+        if remote_asked():  # remote tier
+            return _echo(vault.remote_warmed(), as_json, lambda r: format_table(r, remote_cli.LS_COLUMNS))
         rows = [{"label": w.label, "source": w.source, "tokens": w.tokens, "namespace": w.namespace[:12],
                  "created": _when(w.created), "last_key": w.last_key} for w in vault.warmed()]
     _echo(rows, as_json, lambda r: format_table(r, ["label", "source", "tokens", "namespace", "created"]))
@@ -65,8 +65,8 @@ def stats_cmd(vault_path, as_json):
     """Chunks, bytes on disk and their float16 equivalent, per namespace (--remote: and the remote's)."""
     with open_vault(vault_path) as vault:
         stats, text = _stats_json(vault.stats()), _stats_text
-        if remote_cli.asked():  # remote tier
-            stats["remote"] = remote_cli.stats(vault)
+        if remote_asked():  # remote tier
+            stats["remote"] = vault.remote_stats()
             text = lambda s: _stats_text(s) + "\n\n" + remote_cli.stats_text(s["remote"])  # noqa: E731
         _echo(stats, as_json, text)
 
@@ -100,7 +100,7 @@ def verify_cmd(vault_path, as_json):
     --remote: also download and check every chunk object of the remote (reported, not deleted)."""
     with open_vault(vault_path) as vault:
         result = vault.verify()
-        remote = remote_cli.verify(vault) if remote_cli.asked() else None  # remote tier
+        remote = vault.remote_verify() if remote_asked() else None  # remote tier
     report = {"checked": result.checked, "corrupt": len(result.bad), "quarantined": len(result.bad),
               "adopted": len(result.adopted), "missing": len(result.missing), "bad_keys": result.bad}
     text = lambda r: (f"checked {r['checked']} chunks: {r['corrupt']} corrupt, {r['quarantined']} "  # noqa: E731
@@ -129,8 +129,8 @@ def gc_cmd(cap, evict_all, empty_quarantine, vault_path, as_json):
     --evict-all (to empty a vault: promptvault rm --all)."""
     with open_vault(vault_path, disk_cap=cap) as vault:
         result = dataclasses.asdict(vault.gc(evict_all=evict_all, empty_quarantine=empty_quarantine))
-        if remote_cli.asked():  # remote tier: only when asked
-            result["remote"] = remote_cli.gc(vault)
+        if remote_asked():  # remote tier: only when asked
+            result["remote"] = vault.remote_gc()
     _echo(result, as_json, lambda r: ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in r.items()))
 
 

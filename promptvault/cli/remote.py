@@ -5,27 +5,15 @@ import json
 
 import click
 
-from promptvault.cli.common import json_option, open_vault, remote_asked, vault_option
+from promptvault.cli.common import json_option, open_vault, vault_option
 from promptvault.tables import format_table
 
 LS_COLUMNS = ["label", "source", "tokens", "namespace", "created", "chunks"]
 
 
-def asked() -> bool:
-    return remote_asked()
-
-
 def _need_remote(vault) -> None:
     if vault.remote is None:
         raise click.UsageError("no remote: give --remote s3://bucket/prefix (or set PROMPTVAULT_REMOTE)")
-
-
-def ls(vault) -> list[dict]:
-    return vault.remote_warmed()
-
-
-def stats(vault) -> dict:
-    return vault.remote_stats()
 
 
 def stats_text(s: dict) -> str:
@@ -35,18 +23,10 @@ def stats_text(s: dict) -> str:
     return head + ("\n\n" + format_table(rows) if rows else "")
 
 
-def verify(vault) -> dict:
-    return vault.remote_verify()
-
-
 def verify_text(r: dict) -> str:
     lines = [f"remote {r['remote']}: checked {r['checked']} chunk objects: {len(r['bad'])} corrupt"]
     lines += [f"  corrupt: {b['path']} ({b['problem']})" for b in r["bad"]]
     return "\n".join(lines)
-
-
-def gc(vault) -> dict:
-    return vault.remote_gc()
 
 
 def _labels(labels, everything) -> list[str] | None:
