@@ -211,3 +211,36 @@ def test_running_disk_usage_matches_a_walk_after_two_capped_writers(tmp_path):
         assert real <= cap + 2 * block and len(vault.index.all_chunks()) < 2 * CAPPED_PROMPTS * 5 + 5, real  # evicted
         vault.gc()  # reconciles with a walk: exact again
         assert vault.disk.usage(vault.index) == disk_usage(root)
+
+
+def test_a_walk_leaves_out_files_in_flight_and_counts_old_orphans(tmp_path):
+    """A walk that meets another writer's shard before its row (or its temp file) must not count
+    it in the baseline: the row's trigger counts it when it lands, and twice is an over-count that
+    lasts until the next walk. An unindexed file older than IN_FLIGHT_S is an orphan and counts."""
+    import os
+    import shutil
+    import time
+
+    from promptvault.vault.tiers import IN_FLIGHT_S
+    root = tmp_path / "v"
+    with Vault(root, block_size=8, codec=LOSSLESS_KV) as vault:
+        vault.warm(tiny_llama(), prompt(40, 99))
+        row = vault.index.chunk(vault.index.all_chunks()[0]["key"])
+        src = vault.shards / row["file"]
+        toks = _toks(row["n_tokens"])
+        key = "e" * len(row["key"])  # another writer's chunk
+        landing = src.parent / f"{key}{src.suffix}"
+        shutil.copy(src, landing)  # published, row not yet written
+        temp = src.parent / f".tmp-abc{src.suffix}"
+        shutil.copy(src, temp)  # still being written
+        orphan = src.parent / f"{'f' * len(key)}{src.suffix}"
+        shutil.copy(src, orphan)
+        old = time.time() - IN_FLIGHT_S - 60
+        os.utime(orphan, (old, old))
+        vault.disk.reconcile(vault.index)
+        temp.unlink()  # the temp's writer lost the race
+        vault.index.add_chunk({c: row[c] for c in ("namespace", "parent", "position", "n_tokens", "bytes", "checksum")}
+                              | {"key": key, "file": str(landing.relative_to(vault.shards)),
+                                 "tokens": tokens_to_bytes(toks)})
+        vault.index.checkpoint()
+        assert vault.disk.usage(vault.index) == disk_usage(root)

@@ -268,13 +268,20 @@ class Index:
         rows = self._rows("SELECT shards, other, unit, measured FROM usage WHERE id = 1")
         return rows[0] if rows else None
 
-    def set_usage(self, walked: int, live: int, unit: int) -> None:
+    def set_usage(self, walked: int, live: int, unit: int, recent: dict[str, int] | None = None) -> None:
         """Restart the running count from a full walk: `walked` bytes under the vault, of which
         `live` are measured afresh each time (index files, quarantine). The indexed shards are
         recounted in the same transaction, so chunks added or removed meanwhile by other
-        processes are not lost; what is neither goes to `other` (never below 0)."""
+        processes are not lost; what is neither goes to `other` (never below 0). `recent` (chunk
+        key -> bytes) are young files the walk saw: those still without a row are in flight and
+        left out, since their rows will count them (looked up under the write lock, so a row
+        cannot land between the look and the recount)."""
         with self.db.conn:
             self.db.conn.execute("INSERT OR IGNORE INTO usage VALUES (1, 0, 0, ?, 0)", (unit,))
+            if recent:
+                indexed = {r[0] for r in self.db.conn.execute(
+                    "SELECT key FROM chunks WHERE key IN (SELECT value FROM json_each(?))", [json.dumps(list(recent))])}
+                walked -= sum(size for key, size in recent.items() if key not in indexed)
             self.db.conn.execute(
                 "UPDATE usage SET unit = ?1, measured = ?2, "
                 "shards = (SELECT coalesce(sum(((bytes + ?1 - 1) / ?1) * ?1), 0) FROM chunks) WHERE id = 1", (unit, time.time()))

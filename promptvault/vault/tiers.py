@@ -17,10 +17,13 @@ shared index (`Index.usage`), not in any process's memory:
   walk found beyond the two above.
 A full walk restarts the count: at the first check of a vault that has none, and in `reconcile`
 (gc and verify call it). It keeps the larger of the walk and the indexed shards' count (the
-baseline never goes below zero), so the count errs high (evicting early), not low. What it
-cannot see until the next walk: files that appear under the vault without an index row (a
-writer's shard between its rename and its row — one block per live writer — or anything written
-there by something other than promptvault).
+baseline never goes below zero), so the count errs high (evicting early), not low. Shard files
+(and temp files) younger than `IN_FLIGHT_S` that no row names are another writer's work in
+flight — its background writer publishes up to a queue's worth before the rows follow — so the
+walk leaves them out: their rows' triggers count them once they land (counting them in the
+baseline too would count them twice until the next walk). What the count cannot see until the
+next walk: files that appear under the vault without an index row (in flight, left by a crash,
+or written there by something other than promptvault).
 Eviction removes chunks that nothing extends first — tail leaves before their blocks, the end of
 a chain before its start — because a missing first block makes every later block unreachable.
 Files that cannot be deleted are skipped, never retried in a loop.
@@ -29,6 +32,7 @@ Files that cannot be deleted are skipped, never retried in a loop.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,17 +78,30 @@ class RamTier:
         return len(self._items)
 
 
+IN_FLIGHT_S = 600  # an unindexed shard younger than this is a live writer's, not an orphan
+
+
 def disk_usage(root: Path) -> int:
     """Bytes allocated on disk under `root`, like `du` (files that vanish meanwhile are skipped)."""
-    total = 0
+    return _walk(root)[0]
+
+
+def _walk(root: Path, recent_under: Path | None = None, since: float = 0.0) -> tuple[int, dict[str, int]]:
+    """`disk_usage`, and the files under `recent_under` modified at or after `since`: chunk key (a
+    temp file's own name, which no row has) -> allocated bytes."""
+    total, recent = 0, {}
+    inside = str(recent_under) + os.sep if recent_under is not None else None
     for dirpath, _, files in os.walk(root):
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
                 continue
-            total += getattr(st, "st_blocks", 0) * 512 or st.st_size
-    return total
+            size = getattr(st, "st_blocks", 0) * 512 or st.st_size
+            total += size
+            if inside is not None and st.st_mtime >= since and (dirpath + os.sep).startswith(inside):
+                recent[name if name.startswith(".") else name.split(".")[0]] = size
+    return total, recent
 
 
 def allocated(path: Path) -> int:
@@ -119,10 +136,10 @@ class DiskTier:
         """Walk the whole vault, restart the running count from what is there; returns the usage
         (the walk's total, or more where indexed shards count for more than the walk found)."""
         live = self._live()
-        walked = disk_usage(self.root)
+        walked, recent = _walk(self.root, self.shards, time.time() - IN_FLIGHT_S)
         if index.read_only or index.path is None:
             return walked
-        index.set_usage(walked, live, os.statvfs(self.root).f_frsize or 4096)
+        index.set_usage(walked, live, os.statvfs(self.root).f_frsize or 4096, recent)
         return self.usage(index)
 
     def _live(self) -> int:
