@@ -71,6 +71,28 @@ def test_chat_whole_then_streamed_reuses_the_shared_prefix(server):
     assert usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
 
 
+def test_the_next_turn_continues_from_the_live_cache_and_a_restart_from_the_vault(server):
+    history = [{"role": "user", "content": "Name two colours of the rainbow."}]
+    live_hits = server.log.read_text().count("(live)")
+    first = client(server).chat.completions.create(model="smollm2", messages=history, max_tokens=8)
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "And one more?"}]
+    second = client(server).chat.completions.create(model="smollm2", messages=history, max_tokens=8)
+    # the whole first prompt and most of the answer come back, before anything reached the vault
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    deadline = time.monotonic() + 30  # the worker logs the source just after the answer
+    while server.log.read_text().count("(live)") <= live_hits and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.log.read_text().count("(live)") > live_hits, "the second turn did not continue from memory"
+    assert httpx.get(server.url + "/v1/cache/stats", timeout=60).json()["live"]["sequences"] >= 1
+    history += [{"role": "assistant", "content": second.choices[0].message.content},
+                {"role": "user", "content": "Thanks. One word: which is warmest?"}]
+    server.stop()
+    server.start()  # memory is gone: the graceful stop stored both answers
+    third = client(server).chat.completions.create(model="smollm2", messages=history, max_tokens=4)
+    assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 16  # a block or less
+
+
 def test_completions_whole_streamed_and_stop(server):
     c = client(server)
     whole = c.completions.create(model="smollm2", prompt="The three primary colours are red,", max_tokens=8)

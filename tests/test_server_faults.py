@@ -69,6 +69,7 @@ def test_kill_during_store_leaves_the_vault_clean_and_the_next_start_serves(serv
     ask = {"messages": [{"role": "user", "content": LONG + " Which item is first?"}], "max_tokens": 1}
     r = httpx.post(server.url + "/v1/chat/completions", headers={"x-api-key": KEY}, json=ask, timeout=300)
     assert r.status_code == 200
+    assert server.wait_for_log("storing"), "the answer was never stored"  # once the server is idle
     server.kill()  # the answer is out; the store of its ~20 blocks has just begun
     check = subprocess.run([EXE, "verify", "--vault", str(server.vault), "--json"], capture_output=True, text=True,
                            timeout=300)

@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from promptvault.cli.common import codec_options, model_option, open_vault, vault_options
+from promptvault.cli.common import ByteSize, codec_options, model_option, open_vault, vault_options
 
 log = logging.getLogger("promptvault.cli")
 
@@ -38,15 +38,21 @@ def context_length(lm) -> int | None:
               help="Largest max_tokens a request may ask for.")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Requests that may wait for the model; more get 503.")
+@click.option("--prompt-cache-size", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Live (uncompressed) caches of recent answers kept in memory for the next turn, as "
+                   "mlx_lm.server's; 0 restores every turn from the vault.")
+@click.option("--prompt-cache-bytes", type=ByteSize(), default=None,
+              help="Cap on the live caches' memory, e.g. 4G [default: no cap beyond --prompt-cache-size].")
 @codec_options
 @vault_options
-def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, codec, vault_path,
-              block_size, ram_cap, disk_cap):
+def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, prompt_cache_size, prompt_cache_bytes, codec,
+              vault_path, block_size, ram_cap, disk_cap):
     """Serve a model over HTTP (OpenAI and Anthropic APIs) with the vault as its prefix cache.
 
-    Each request restores the longest stored prefix of its prompt (RAM tier first), prefills
-    the rest and stores the new blocks after the answer, so restarts and several server
-    processes on one vault keep every stored prefix.
+    Each request continues from the longest prefix of its prompt that the live caches of recent
+    answers or the vault hold, prefills the rest, and stores the new blocks in the vault once the
+    server is idle, so restarts and several server processes on one vault keep every stored
+    prefix.
 
     Example: promptvault serve --model smollm2 --port 8080
     """
@@ -62,7 +68,7 @@ def serve_cmd(model, host, port, api_key, max_tokens_cap, max_queue, codec, vaul
     from promptvault.models import load_model
 
     worker = Worker(lambda: load_model(model), lambda: open_vault(vault_path, block_size, ram_cap, disk_cap, codec),
-                    max_queue)
+                    max_queue, live_size=prompt_cache_size, live_bytes=prompt_cache_bytes)
     worker.start()
     lm = worker.lm
     names = {lm.name, "default_model", *([model] if model else ["smollm2"])}

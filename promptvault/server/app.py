@@ -87,12 +87,12 @@ def create_app(worker: Worker, limits: parse.Limits, served_name: str, api_key: 
 
     @app.get("/v1/cache/stats", dependencies=v1)
     async def cache_stats():
-        return await worker.run(lambda: prefix_cache.stats(worker.vault))
+        return await worker.run(lambda: prefix_cache.stats(worker.vault, worker.live))
 
     @app.delete("/v1/cache", dependencies=v1)
     async def cache_clear(label: str | None = None):
         try:
-            removed = await worker.run(lambda: prefix_cache.clear(worker.vault, label))
+            removed = await worker.run(lambda: prefix_cache.clear(worker.vault, worker.live, label))
         except VaultSettingsError as e:
             raise parse.RequestError(404, str(e), param="label", code="label_not_found") from None
         return {"removed_chunks": removed}

@@ -1,48 +1,63 @@
-"""Every vault call the server makes, in one place.
+"""Every cache call the server makes, in one place.
 
-Before a request: restore the longest stored prefix of its tokens (the vault reads its RAM tier
-first, so the turns of one conversation do not touch the disk). After the answer has been sent:
-store the blocks the live cache now holds, prompt and answer both, so the next turn of the same
-conversation (its history re-rendered with this answer, then a new message) restores all of it
-up to where the rendered answer parts from the generated tokens.
+Before a request: the longest prefix of its tokens that this process still holds live (the last
+answers' caches, `LiveCaches`) or the vault has stored (its RAM tier, then disk), whichever is
+longer. After the answer has been sent: the live cache is kept as it is, and its blocks, prompt
+and answer both, are stored in the vault — later, when the server is idle (`Worker`), so that
+no request waits for the store of another's answer. The next turn of a conversation (its history
+re-rendered with this answer, then a new message) continues from the live cache without a
+decode; after a restart, or in another process on the same vault, it restores the same prefix
+from disk.
 
-A client that went away mid-answer stores nothing (`store` is simply not called): a store is all
-of a request's blocks or none of them, never a half-written answer.
+A client that went away mid-answer keeps and stores nothing: a store is all of a request's
+blocks or none of them, never a half-written answer.
 """
 
 import dataclasses
 
 from promptvault import UnsupportedCacheError
 from promptvault.vault import caches
+from promptvault.vault.live import Fetched, LiveCaches
 
 
-def fetch(vault, lm, tokens: list[int]) -> tuple[list, int]:
-    """Fresh mlx-lm caches for `lm` holding the longest stored prefix of `tokens`, and its length."""
-    cache, rest = vault.fetch(lm, tokens)
-    return cache, len(tokens) - len(rest)
+def fetch(live: LiveCaches, lm, tokens: list[int]) -> Fetched:
+    """Fresh mlx-lm caches for `lm` holding the longest prefix of `tokens` kept or stored."""
+    return live.fetch(lm, tokens)
 
 
-def store(vault, lm, cache: list, prompt: list[int], answer: list[int]) -> int:
-    """Store the blocks of prompt + answer that `cache` holds rows for; returns chunks written.
+def held_tokens(cache: list, prompt: list[int], answer: list[int]) -> list[int]:
+    """The tokens `cache` has consumed after generating `answer`: the prompt and the answer up to
+    the cache's position (generation feeds each token back only once it asks for the next one).
+    Layers that record no position (recurrent state) say nothing: the prompt alone."""
+    at = caches.position(cache)
+    return (prompt + answer)[:at] if at is not None and at >= len(prompt) else prompt
 
-    The cache holds the prompt and every answer token but the last (never fed back); layers that
-    record no position (recurrent state) store the prompt. `Vault.save` takes any cache: blocks the
-    live cache cannot give (a ring dropped them, recurrent state moved on) it prefills again."""
+
+def keep(live: LiveCaches, lm, cache: list, tokens: list[int]) -> None:
+    """Hold the answered request's cache for the next turn (no copy: the request is over)."""
+    live.keep(lm, cache, tokens)
+
+
+def store(vault, lm, cache: list, tokens: list[int]) -> int:
+    """Store the blocks of `tokens` that `cache` holds rows for; returns chunks written.
+
+    `Vault.save` takes any cache: blocks the live cache cannot give (a ring dropped them,
+    recurrent state moved on) it prefills again."""
     if vault.read_only:
         return 0
-    at = caches.position(cache)
-    tokens = (prompt + answer)[:at] if at is not None and at >= len(prompt) else prompt
     try:
         return vault.save(lm, cache, tokens).written
     except UnsupportedCacheError:
         return 0
 
 
-def stats(vault) -> dict:
-    return dataclasses.asdict(vault.stats())
+def stats(vault, live: LiveCaches) -> dict:
+    return {**dataclasses.asdict(vault.stats()), "live": live.stats()}
 
 
-def clear(vault, label: str | None = None) -> int:
-    """Remove every stored chunk, or only those of one warmed label; returns how many."""
+def clear(vault, live: LiveCaches, label: str | None = None) -> int:
+    """Remove every stored chunk, or only those of one warmed label; returns how many. The live
+    caches go too (they are not labelled: none may answer for a removed prefix)."""
     result = vault.rm(label=label) if label is not None else vault.rm(everything=True)
+    live.clear()
     return result.removed_chunks

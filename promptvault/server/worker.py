@@ -3,13 +3,18 @@
 MLX streams and the vault's SQLite connection belong to the thread that made them, so the HTTP
 side never touches either: it hands work to this thread through a bounded queue (`submit` raises
 `Busy` when it is full, which the app answers with 503) and gets events back on its own asyncio
-loop. A generation sends ("start", cached prompt tokens) once the stored prefix is restored,
-("text", str) pieces, then ("done", Finished) as soon as the answer is complete, and only then stores the new blocks: the client has its answer before the store starts,
-and the next queued request waits for it (stores stay on this thread, in order, like every other
-MLX call).
+loop. A generation sends ("start", cached prompt tokens) once the prefix is restored, ("text",
+str) pieces, then ("done", Finished) as soon as the answer is complete.
+
+The answered request's cache is kept live for the next turn, and its store in the vault waits
+until the queue has been empty for `STORE_IDLE_S` (a store costs an encode of the new blocks: a
+client that sends the next request right after an answer must not wait for it), or until
+`MAX_PENDING_STORES` answers wait (their caches are held in memory meanwhile). A cache endpoint
+and a graceful stop run every pending store first; kill -9 loses the pending ones (the vault
+stays consistent: a store is a chunk's file, then its row).
 
 A request whose client went away sets `cancelled`: the prefill (between steps) or the decoding
-loop (between tokens) stops and nothing is stored.
+loop (between tokens) stops and nothing is kept or stored.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,8 +35,12 @@ from mlx_lm.sample_utils import make_sampler
 from promptvault.generate import PREFILL_STEP
 from promptvault.server import prefix_cache
 from promptvault.server.stops import StopText
+from promptvault.vault.live import LiveCaches
 
 log = logging.getLogger(__name__)
+
+STORE_IDLE_S = 0.5  # an idle queue this long means no request is about to wait for a store
+MAX_PENDING_STORES = 4  # beyond this many answers waiting, the oldest is stored before the next request
 
 
 class Busy(Exception):
@@ -66,13 +76,17 @@ class Finished:
 class Worker:
     """Owns the model and the vault; runs jobs one at a time, in arrival order."""
 
-    def __init__(self, open_model: Callable, open_vault: Callable, max_queue: int):
+    def __init__(self, open_model: Callable, open_vault: Callable, max_queue: int, *,
+                 live_size: int = 10, live_bytes: int | None = None):
         self._open_model, self._open_vault = open_model, open_vault
+        self._live_limits = {"max_size": live_size, "max_bytes": live_bytes}
+        self._pending: deque = deque()  # (cache, tokens) of answers not yet stored, oldest first
         self._jobs: queue.Queue = queue.Queue(maxsize=max_queue)
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self.lm = None
         self.vault = None
+        self.live: LiveCaches | None = None
         self._thread = threading.Thread(target=self._run, name="promptvault-mlx", daemon=True)
 
     def start(self) -> None:
@@ -108,6 +122,7 @@ class Worker:
 
         def job(_emit):
             try:
+                self._store_pending()  # the vault as every answered request left it
                 result = fn()
             except Exception as e:  # noqa: BLE001 - handed to the awaiting request
                 loop.call_soon_threadsafe(_settle, done, None, e)
@@ -135,15 +150,22 @@ class Worker:
         try:
             self.lm = self._open_model()
             self.vault = self._open_vault()
+            self.live = LiveCaches(self.vault, **self._live_limits)
         except BaseException as e:  # noqa: BLE001 - re-raised by start() on the main thread
             self._error = e
             self._ready.set()
             return
         self._ready.set()
         while True:
-            item = self._jobs.get()
+            try:
+                item = self._jobs.get(timeout=STORE_IDLE_S) if self._pending else self._jobs.get()
+            except queue.Empty:
+                self._store_pending(1)
+                continue
             if item is None:
                 break
+            if len(self._pending) > MAX_PENDING_STORES:
+                self._store_pending(len(self._pending) - MAX_PENDING_STORES)
             fn, emit = item
             try:
                 fn(emit)
@@ -151,14 +173,29 @@ class Worker:
                 log.exception("request failed")
                 if emit is not None:
                     emit("error", f"{type(e).__name__}: {e}")
+        self._store_pending()
         if self.vault is not None:
             self.vault.close()
+
+    def _store_pending(self, count: int | None = None) -> None:
+        """Store the oldest `count` pending answers (all by default) in the vault."""
+        for _ in range(len(self._pending) if count is None else min(count, len(self._pending))):
+            cache, tokens = self._pending.popleft()
+            log.info("storing %d tokens", len(tokens))
+            t0 = time.perf_counter()
+            try:
+                written = prefix_cache.store(self.vault, self.lm, cache, tokens)
+            except Exception as e:  # noqa: BLE001 - a full or read-only disk: the answers stand, the server goes on
+                log.warning("the new blocks were not stored: %s: %s", type(e).__name__, e)
+                continue
+            log.info("stored %d new chunks of %d tokens in %.2f s", written, len(tokens), time.perf_counter() - t0)
 
     def _generate(self, gen: Generation, emit: Callable) -> None:
         if gen.cancelled.is_set():
             return
         start = time.perf_counter()
-        cache, cached = prefix_cache.fetch(self.vault, self.lm, gen.tokens)
+        fetched = prefix_cache.fetch(self.live, self.lm, gen.tokens)
+        cache, cached = fetched.cache, fetched.cached
         emit("start", cached)
         if gen.seed is not None:
             mx.random.seed(gen.seed)
@@ -197,14 +234,11 @@ class Worker:
             if rest:
                 emit("text", rest)
         emit("done", Finished(len(gen.tokens), len(answer), cached, finish, stops.matched))
-        t0 = time.perf_counter()
-        try:
-            written = prefix_cache.store(self.vault, self.lm, cache, gen.tokens, answer)
-        except OSError as e:  # a full or read-only disk: the answer stands, only its blocks are lost
-            log.warning("the new blocks were not stored: %s", e)
-            written = 0
-        log.info("reused %d of %d prompt tokens, first token after %.2f s; stored %d new chunks in %.2f s after "
-                 "the answer", cached, len(gen.tokens), ttft, written, time.perf_counter() - t0)
+        held = prefix_cache.held_tokens(cache, gen.tokens, answer)
+        prefix_cache.keep(self.live, self.lm, cache, held)
+        self._pending.append((cache, held))
+        log.info("reused %d of %d prompt tokens (%s), first token after %.2f s", cached, len(gen.tokens),
+                 fetched.source, ttft)
 
 
 def _settle(future: asyncio.Future, result, error) -> None:
