@@ -2,12 +2,13 @@
 
 The trace: C conversations that all start with the same ~1,500-token system prompt (agent
 instructions and JSON tool schemas), each T turns long (a user message, the server's streamed
-answer appended to the history, the next user message: from turn 2 on, a ~400-token tool
-result (a file listing) and a request), sent round-robin — turn 1 of every
-conversation, then turn 2 of every conversation … — by one client, one request at a time.
-Every server is restarted once midway (after round ceil(T/2)): before it, mlx_lm.server answers
-from its RAM prompt cache; after it, that cache is gone and only the vault still holds the
-prefixes.
+answer appended to the history, the next user message: from turn 2 on, a tool result (a file
+listing of `tool_lines` lines, ~25 tokens each: ~400 tokens by default) and a request), sent
+round-robin — turn 1 of every conversation, then turn 2 of every conversation … — by one client,
+one request at a time. Every server is restarted once midway (after round ceil(T/2)): before it,
+mlx_lm.server answers from its RAM prompt cache; right after it, that cache is gone and only the
+vault still holds the prefixes ("after restart": the first turn of each conversation); later
+turns find mlx_lm.server's cache warm again ("later turns").
 
 Setups, same model and same client code (plain HTTP + SSE, `stream_options.include_usage`):
   - `promptvault`: one `promptvault serve` on a fresh vault;
@@ -15,7 +16,7 @@ Setups, same model and same client code (plain HTTP + SSE, `stream_options.inclu
   - `promptvault x2`: two `promptvault serve` processes on one fresh vault, requests alternating
     between them (a conversation's next turn lands on the other process, which must read what
     the first one stored).
-Per setup and phase (before / after the restart): TTFT (request sent → first streamed content)
+Per setup and phase: TTFT (request sent → first streamed content)
 p50 / p95, the share of prompt tokens the server reported as cached, and the phase's wall time.
 Each server gets one small warm-up request after every start (MLX's first-call costs), not
 counted; the trace's own first request is cold for every setup.
@@ -122,7 +123,7 @@ def system_prompt(tokenizer, target: int) -> str:
 @dataclass
 class Request:
     setup: str
-    phase: str  # "before restart" / "after restart"
+    phase: str  # one of PHASES
     conversation: int
     turn: int
     ttft_s: float
@@ -206,8 +207,17 @@ def chat(port: int, messages: list[dict], max_tokens: int) -> tuple[float, float
     return (ttft if ttft is not None else total), total, "".join(pieces), usage
 
 
+PHASES = ("before restart", "after restart", "later turns")
+
+
+def phase_of(turn: int, restart_after: int) -> str:
+    """Before the restart; the first turn of each conversation after it (what a restart costs:
+    mlx_lm.server has lost its cache); the turns after that (its RAM cache is warm again)."""
+    return PHASES[0] if turn < restart_after else PHASES[1] if turn == restart_after else PHASES[2]
+
+
 def replay(setup: str, servers: list[_Server], system: str, conversations: int, turns: int,
-           max_tokens: int, log=None) -> list[Request]:
+           max_tokens: int, tool_lines: int = 16, log=None) -> list[Request]:
     """The trace against `servers` (requests alternate between them), restarting them midway."""
     history = [[{"role": "system", "content": system}] for _ in range(conversations)]
     restart_after = (turns + 1) // 2
@@ -221,10 +231,10 @@ def replay(setup: str, servers: list[_Server], system: str, conversations: int, 
                     s.stop()
                 for s in servers:
                     s.start()
-            phase = "before restart" if turn < restart_after else "after restart"
+            phase = phase_of(turn, restart_after)
             for c in range(conversations):
                 ask = ASKS[turn % len(ASKS)].format(c=c)
-                history[c].append({"role": "user", "content": (tool_result(c, turn) if turn else "") + ask})
+                history[c].append({"role": "user", "content": (tool_result(c, turn, tool_lines) if turn else "") + ask})
                 server = servers[n % len(servers)]
                 n += 1
                 ttft, total, text, usage = chat(server.port, history[c], max_tokens)
@@ -243,7 +253,7 @@ def replay(setup: str, servers: list[_Server], system: str, conversations: int, 
 def summarize(requests: list[Request]) -> list[dict]:
     rows = []
     for setup in dict.fromkeys(r.setup for r in requests):
-        for phase in ("before restart", "after restart", "all"):
+        for phase in (*PHASES, "all"):
             rs = [r for r in requests if r.setup == setup and (phase == "all" or r.phase == phase)]
             if not rs:
                 continue
@@ -256,7 +266,7 @@ def summarize(requests: list[Request]) -> list[dict]:
 
 
 def run_serve_bench(model: str | None, *, conversations: int, turns: int, system_tokens: int, max_tokens: int,
-                    setups: list[str], workdir: str | None = None, log=None) -> dict:
+                    setups: list[str], tool_lines: int = 16, workdir: str | None = None, log=None) -> dict:
     from promptvault.models import load_model
 
     lm = load_model(model)
@@ -276,9 +286,9 @@ def run_serve_bench(model: str | None, *, conversations: int, turns: int, system
                            for i in range(2)]
             else:
                 raise PromptvaultError(f"unknown setup {setup!r} (choose from: {', '.join(SETUPS)})")
-            results += replay(setup, servers, system, conversations, turns, max_tokens, log)
+            results += replay(setup, servers, system, conversations, turns, max_tokens, tool_lines, log)
     return {"model": lm.name, "system_prompt_tokens": len(lm.tokenizer.encode(system)),
-            "conversations": conversations, "turns": turns, "max_tokens": max_tokens,
+            "conversations": conversations, "turns": turns, "max_tokens": max_tokens, "tool_lines": tool_lines,
             "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs",
             "load_average": list(os.getloadavg()), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rows": summarize(results), "requests": [{k: v for k, v in vars(r).items() if k != "text"} for r in results]}
@@ -291,7 +301,8 @@ def format_table(result: dict) -> str:
     from promptvault.tables import format_table as table
 
     head = (f"{result['model']}: {result['conversations']} conversations x {result['turns']} turns, system prompt "
-            f"{result['system_prompt_tokens']} tokens, {result['max_tokens']} new tokens per answer; "
+            f"{result['system_prompt_tokens']} tokens, tool results of {result.get('tool_lines', 16)} lines, "
+            f"{result['max_tokens']} new tokens per answer; "
             f"{result['machine']}, load average {', '.join(f'{x:.1f}' for x in result['load_average'])}, "
             f"{result['date']}")
     return head + "\n" + table(result["rows"])

@@ -218,11 +218,13 @@ def kernels_cmd(check_, bench_, restore, sweep_, cpu, dims, bits, dtypes, cpu_di
 @click.option("--system-tokens", type=click.IntRange(min=16), default=1500, show_default=True,
               help="Size of the shared system prompt (instructions + tool schemas).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=16, show_default=True, help="New tokens per answer.")
+@click.option("--tool-lines", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Lines of each tool result (a file listing, ~25 tokens a line) from turn 2 on.")
 @click.option("--setups", default="promptvault,mlx_lm.server,promptvault x2", show_default=True,
               help="Comma-separated: promptvault, mlx_lm.server, 'promptvault x2' (two servers, one vault).")
 @click.option("--workdir", default=None, help="Directory for the temporary vaults and logs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def serve_bench_cmd(model, conversations, turns, system_tokens, max_tokens, setups, workdir, as_json):
+def serve_bench_cmd(model, conversations, turns, system_tokens, max_tokens, tool_lines, setups, workdir, as_json):
     """Replay an agent-like trace (shared system prompt, several turns, restart midway) against
     `promptvault serve` and `mlx_lm.server`: TTFT p50/p95, cached-token share, time.
 
@@ -236,5 +238,5 @@ def serve_bench_cmd(model, conversations, turns, system_tokens, max_tokens, setu
         raise click.BadParameter(f"unknown setup(s) {unknown}; choose from {', '.join(SETUPS)}", param_hint="--setups")
     log = None if as_json else (lambda m: click.echo(m, err=True))
     result = run_serve_bench(model, conversations=conversations, turns=turns, system_tokens=system_tokens,
-                             max_tokens=max_tokens, setups=chosen, workdir=workdir, log=log)
+                             max_tokens=max_tokens, setups=chosen, tool_lines=tool_lines, workdir=workdir, log=log)
     click.echo(json.dumps(result, indent=1) if as_json else serve_table(result))

@@ -242,9 +242,10 @@ def _norm_values(arrays: dict[str, mx.array]) -> mx.array:
 
 
 # Elements decoded (or encoded) per piece on the CPU: the pure-MLX path makes several passes over
-# float32 intermediates, which stay in the cache when a piece is this small (a stacked tensor of
-# every layer, decoded whole, runs several times slower than the same bytes in pieces).
-_PIECE = 1 << 15
+# float32 intermediates, which stay in the cache when a piece is small enough (a stacked tensor of
+# every layer, decoded whole, runs slower than the same bytes in pieces); each piece also pays
+# ~30 op dispatches, so smaller pieces lose again (2^15 decoded SmolLM2's keys ~1.5x slower).
+_PIECE = 1 << 17
 # Below this many elements the per-piece graph costs more than the cache saves.
 _SPLIT_ABOVE = 1 << 18
 
