@@ -51,6 +51,8 @@ _API = {
     "UnsupportedCacheError": "promptvault.vault.caches",
     "RemoteTier": "promptvault.vault.remote",
     "RemoteError": "promptvault.vault.remote",
+    "LiveCaches": "promptvault.vault.live",
+    "Fetched": "promptvault.vault.live",
 }
 
 __all__ = ["__version__", *_API]
@@ -86,6 +88,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from promptvault.vault.results import (ChunkInfo, Description, GcResult, NamespaceStats, ReindexResult,
                                            RmResult, Settings, StoreResult, VaultStats, VerifyResult, Warmed)
     from promptvault.vault.caches import UnsupportedCacheError
+    from promptvault.vault.live import Fetched, LiveCaches
     from promptvault.vault.remote import RemoteError, RemoteTier
     from promptvault.vault.store import LookupResult, RestoreResult
     from promptvault.vault.vault import Vault

@@ -95,3 +95,20 @@ def test_rings_continue_from_memory(tmp_path):
         got = live.fetch(lm, turn2)
         assert (got.cached, got.source) == (30, "live")
         assert mx.allclose(last_logits(lm, turn2, got.cache, 30), last_logits(lm, turn2), atol=1e-4).item()
+
+
+def test_a_pending_store_is_replaced_by_the_next_turn_only_when_it_holds_every_row():
+    from collections import deque
+
+    from promptvault.server.prefix_cache import queue_store
+    lm, rings = tiny_llama(), tiny_gemma()
+    a, b = prompt(20, 1), prompt(20, 2)
+    pending = deque()
+    for lm_, extra in ((lm, 5), (lm, 9)):
+        pending = queue_store(pending, _held(lm_, a + prompt(extra, 3)[:extra]), a + prompt(extra, 3)[:extra])
+    pending = queue_store(pending, _held(lm, b), b)
+    assert [len(t) for _, t in pending] == [29, 20]  # a's first turn went: a's second holds it all
+    ring_pending = deque()
+    for n in (20, 30):  # past the window of 12: the later ring no longer holds the first rows
+        ring_pending = queue_store(ring_pending, _held(rings, a + prompt(10, 3)[: n - 20]), (a + prompt(10, 3))[:n])
+    assert [len(t) for _, t in ring_pending] == [20, 30]

@@ -93,6 +93,22 @@ def test_the_next_turn_continues_from_the_live_cache_and_a_restart_from_the_vaul
     assert third.usage.prompt_tokens_details.cached_tokens >= second.usage.prompt_tokens - 16  # a block or less
 
 
+def test_a_second_process_on_the_vault_gets_what_the_first_stored_once_idle(server, tmp_path):
+    other = Server(server.vault, tmp_path / "other.log", "--block-size", BLOCK, *LOSSLESS).start()
+    try:
+        question = "Which ocean is the largest? One word."
+        stores = server.log.read_text().count("new chunks of")
+        first = chat(server, question, 4)
+        deadline = time.monotonic() + 60  # the first process stores its answer once it is idle
+        while server.log.read_text().count("new chunks of") == stores and time.monotonic() < deadline:
+            time.sleep(0.2)
+        there = chat(other, question, 4)
+        assert there.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - int(BLOCK)
+        assert there.choices[0].message.content == first.choices[0].message.content  # lossless
+    finally:
+        other.stop()
+
+
 def test_completions_whole_streamed_and_stop(server):
     c = client(server)
     whole = c.completions.create(model="smollm2", prompt="The three primary colours are red,", max_tokens=8)

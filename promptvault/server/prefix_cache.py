@@ -14,6 +14,9 @@ blocks or none of them, never a half-written answer.
 """
 
 import dataclasses
+from collections import deque
+
+from mlx_lm.models.cache import can_trim_prompt_cache
 
 from promptvault import UnsupportedCacheError
 from promptvault.vault import caches
@@ -36,6 +39,17 @@ def held_tokens(cache: list, prompt: list[int], answer: list[int]) -> list[int]:
 def keep(live: LiveCaches, lm, cache: list, tokens: list[int]) -> None:
     """Hold the answered request's cache for the next turn (no copy: the request is over)."""
     live.keep(lm, cache, tokens)
+
+
+def queue_store(pending: deque, cache: list, tokens: list[int]) -> deque:
+    """`pending` stores (cache, tokens), oldest first, with this answer's added. A pending store
+    whose tokens this one extends is dropped: the new cache holds every row of them and stores
+    the same blocks. Only for caches of plain KV layers (those mlx-lm can trim): a ring may have
+    dropped the earlier rows, and recurrent state has moved past them."""
+    if can_trim_prompt_cache(cache):
+        pending = deque((c, t) for c, t in pending if not (len(t) <= len(tokens) and tokens[: len(t)] == t))
+    pending.append((cache, tokens))
+    return pending
 
 
 def store(vault, lm, cache: list, tokens: list[int]) -> int:

@@ -9,7 +9,8 @@ str) pieces, then ("done", Finished) as soon as the answer is complete.
 The answered request's cache is kept live for the next turn, and its store in the vault waits
 until the queue has been empty for `STORE_IDLE_S` (a store costs an encode of the new blocks: a
 client that sends the next request right after an answer must not wait for it), or until
-`MAX_PENDING_STORES` answers wait (their caches are held in memory meanwhile). A cache endpoint
+`MAX_PENDING_STORES` answers wait (their caches are held in memory meanwhile; a conversation's
+next turn replaces its previous one, so under a steady stream of turns this counts conversations). A cache endpoint
 and a graceful stop run every pending store first; kill -9 loses the pending ones (the vault
 stays consistent: a store is a chunk's file, then its row).
 
@@ -236,7 +237,7 @@ class Worker:
         emit("done", Finished(len(gen.tokens), len(answer), cached, finish, stops.matched))
         held = prefix_cache.held_tokens(cache, gen.tokens, answer)
         prefix_cache.keep(self.live, self.lm, cache, held)
-        self._pending.append((cache, held))
+        self._pending = prefix_cache.queue_store(self._pending, cache, held)
         log.info("reused %d of %d prompt tokens (%s), first token after %.2f s", cached, len(gen.tokens),
                  fetched.source, ttft)
 
