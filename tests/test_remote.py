@@ -172,3 +172,17 @@ def test_credentials_region_and_endpoint_from_a_profile(s3, tmp_path, monkeypatc
     message = remote._message("failed", None)
     assert "profile/secret/value" not in message and "AKIAPROFILEKEY" not in message
     remote.close()
+
+
+def test_live_caches_read_the_remote_when_memory_and_the_disk_miss(smollm, s3, tmp_path):
+    """A server's LiveCaches over a vault with a remote tier: a prompt this machine never saw comes
+    from the bucket, as Vault.restore would bring it."""
+    from promptvault.vault.live import LiveCaches
+
+    remote = f"s3://{s3.bucket()}/live"
+    doc = doc_tokens(smollm, text(0, 300))
+    with Vault(tmp_path / "A", block_size=BLOCK, codec=CODEC, remote=remote) as a:
+        stored = a.warm(smollm, doc).tokens
+    with Vault(tmp_path / "B", block_size=BLOCK, codec=CODEC, remote=remote) as b:
+        got = LiveCaches(b).fetch(smollm, doc + [7])
+        assert (got.cached, got.source) == (stored, "remote")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 
 from promptvault.vault import caches
 
@@ -40,12 +40,9 @@ class LiveCaches:
         """Caches holding the longest prefix of `tokens` that memory or the vault has (memory when
         both hold as much: it costs no decode), always leaving at least the last token to prefill."""
         cache, cached = self._nearest(lm, tokens)
-        if self.vault.lookup(lm, tokens).tokens_reused > cached:
-            restored = self.vault.restore(lm, tokens)
-            if restored.tokens_reused > cached or cache is None:  # fewer: damaged chunks were dropped
-                return Fetched(restored.cache, restored.tokens_reused, restored.tier)
-        if cache is None:
-            return Fetched(make_prompt_cache(lm.model), 0, "none")
+        restored = self.vault.restore(lm, tokens, longer_than=cached)  # reads only if the vault holds more
+        if restored.tokens_reused > cached or cache is None:  # not more: a miss, or damaged chunks dropped
+            return Fetched(restored.cache, restored.tokens_reused, restored.tier)
         return Fetched(cache, cached, "live")
 
     def keep(self, lm, cache: list, tokens: list[int]) -> None:

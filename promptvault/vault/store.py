@@ -84,12 +84,12 @@ class ChunkStore:
             tier = "ram" if all(v.ram.get(r["key"]) is not None for r in p.chunks) else "disk"
         return LookupResult(ns.id, len(toks), p.reuse, tier, p.chunks, time.perf_counter() - t0)
 
-    def restore(self, lm, toks: np.ndarray) -> RestoreResult:
+    def restore(self, lm, toks: np.ndarray, longer_than: int = 0) -> RestoreResult:
         v = self.vault
         look = self.lookup(lm, toks)
         result = RestoreResult(make_prompt_cache(lm.model), look.tokens_total, 0, "none", look.seconds, 0.0, 0.0)
-        if not look.tokens_reused:
-            if look.namespace:
+        if look.tokens_reused <= longer_than:
+            if not look.tokens_reused and look.namespace:
                 result.note = self.other_namespace_note(toks, v.namespace(lm))
                 if result.note:
                     log.warning("%s", result.note)

@@ -200,16 +200,18 @@ class Vault(WritePath, Maintenance):
         A model whose cache holds a layer type the vault cannot store is a miss, not an error."""
         return self.store.lookup(lm, _tokens(lm, tokens))
 
-    def restore(self, lm, tokens) -> RestoreResult:
+    def restore(self, lm, tokens, *, longer_than: int = 0) -> RestoreResult:
         """Fresh caches for `lm` holding the longest stored prefix of `tokens` (store.py).
 
         Chunks are read in order; the first one that is missing, fails its checksum (it is then
         quarantined) or holds other tokens than the prompt ends the restore there: the intact
         chunks before it are used, so one bad chunk costs only the tokens from it on.
+        longer_than: read nothing unless the stored prefix is longer than this many tokens (a
+        caller that already holds that much, e.g. LiveCaches); the result is then a miss.
         """
         toks = _tokens(lm, tokens)
         fetched = remote_sync.fetch(self, lm, toks) if self.remote else 0  # remote tier: into the disk tier
-        result = self.store.restore(lm, toks)
+        result = self.store.restore(lm, toks, longer_than)
         if fetched and result.tokens_reused:
             result.tier = "remote"
         return result
