@@ -1,4 +1,4 @@
-"""Every cache call the server makes, in one place.
+"""What the server does with its caches beyond `LiveCaches.fetch` / `keep` (which it calls directly).
 
 Before a request: the longest prefix of its tokens that this process still holds live (the last
 answers' caches, `LiveCaches`) or the vault has stored (its RAM tier, then disk), whichever is
@@ -20,12 +20,7 @@ from mlx_lm.models.cache import can_trim_prompt_cache
 
 from promptvault import UnsupportedCacheError
 from promptvault.vault import caches
-from promptvault.vault.live import Fetched, LiveCaches
-
-
-def fetch(live: LiveCaches, lm, tokens: list[int]) -> Fetched:
-    """Fresh mlx-lm caches for `lm` holding the longest prefix of `tokens` kept or stored."""
-    return live.fetch(lm, tokens)
+from promptvault.vault.live import LiveCaches
 
 
 def held_tokens(cache: list, prompt: list[int], answer: list[int]) -> list[int]:
@@ -34,11 +29,6 @@ def held_tokens(cache: list, prompt: list[int], answer: list[int]) -> list[int]:
     Layers that record no position (recurrent state) say nothing: the prompt alone."""
     at = caches.position(cache)
     return (prompt + answer)[:at] if at is not None and at >= len(prompt) else prompt
-
-
-def keep(live: LiveCaches, lm, cache: list, tokens: list[int]) -> None:
-    """Hold the answered request's cache for the next turn (no copy: the request is over)."""
-    live.keep(lm, cache, tokens)
 
 
 def queue_store(pending: deque, cache: list, tokens: list[int]) -> deque:

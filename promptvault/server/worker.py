@@ -195,7 +195,7 @@ class Worker:
         if gen.cancelled.is_set():
             return
         start = time.perf_counter()
-        fetched = prefix_cache.fetch(self.live, self.lm, gen.tokens)
+        fetched = self.live.fetch(self.lm, gen.tokens)
         cache, cached = fetched.cache, fetched.cached
         emit("start", cached)
         if gen.seed is not None:
@@ -236,7 +236,7 @@ class Worker:
                 emit("text", rest)
         emit("done", Finished(len(gen.tokens), len(answer), cached, finish, stops.matched))
         held = prefix_cache.held_tokens(cache, gen.tokens, answer)
-        prefix_cache.keep(self.live, self.lm, cache, held)
+        self.live.keep(self.lm, cache, held)  # no copy: the request is over
         self._pending = prefix_cache.queue_store(self._pending, cache, held)
         log.info("reused %d of %d prompt tokens (%s), first token after %.2f s", cached, len(gen.tokens),
                  fetched.source, ttft)
