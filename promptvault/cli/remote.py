@@ -5,6 +5,7 @@ import json
 
 import click
 
+from promptvault import Vault
 from promptvault.cli.common import json_option, open_vault, vault_option
 from promptvault.tables import format_table
 
@@ -29,10 +30,13 @@ def verify_text(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _labels(labels, everything) -> list[str] | None:
+def _move(vault_path, labels, everything, move) -> dict:
+    """`move(vault, labels or None for all)` (Vault.push or Vault.pull) on the vault's remote."""
     if bool(labels) == bool(everything):
         raise click.UsageError("give LABEL… or --all")
-    return None if everything else list(labels)
+    with open_vault(vault_path) as vault:
+        _need_remote(vault)
+        return move(vault, None if everything else list(labels))
 
 
 @click.command("push")
@@ -44,10 +48,7 @@ def push_cmd(labels, everything, vault_path, as_json):
     """Put warmed prompts (LABEL…, or --all) on the remote tier; chunks it holds are skipped.
 
     Example: promptvault push manual.txt --remote s3://team-bucket/vault"""
-    wanted = _labels(labels, everything)
-    with open_vault(vault_path) as vault:
-        _need_remote(vault)
-        result = vault.push(wanted)
+    result = _move(vault_path, labels, everything, Vault.push)
     click.echo(json.dumps(result, indent=1) if as_json else
                f"pushed {result['prompts']} warmed prompts to {result['remote']}: {result['chunks_put']} chunks put")
 
@@ -62,10 +63,7 @@ def pull_cmd(labels, everything, vault_path, as_json):
     checked (checksum, key vs its tokens) before it is kept.
 
     Example: promptvault pull manual.txt --remote s3://team-bucket/vault"""
-    wanted = _labels(labels, everything)
-    with open_vault(vault_path) as vault:
-        _need_remote(vault)
-        result = vault.pull(wanted)
+    result = _move(vault_path, labels, everything, Vault.pull)
     click.echo(json.dumps(result, indent=1) if as_json else
                f"pulled {result['prompts']} warmed prompts from {result['remote']}: {result['chunks_fetched']} "
                f"chunks fetched, {result['chunks_present']} already here, {result['failed']} failed their check")
