@@ -34,16 +34,20 @@ def test_the_next_turn_continues_from_memory_and_matches_a_cold_run(tmp_path):
         assert live.fetch(lm, turn2).cached == 30
 
 
-def test_a_prompt_sharing_only_a_start_gets_the_kept_cache_cut_to_it(tmp_path):
-    lm = tiny_llama()
-    a = prompt(40, 1)
-    b = a[:25] + prompt(10, 3)
+def _continues_from_memory(tmp_path, lm, kept, asked, cached):
+    """Keep a cache of `kept`, then ask for `asked`: `cached` tokens come from memory (nothing is
+    stored) and the next-token logits equal a cold run's."""
     with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
         live = LiveCaches(vault)
-        live.keep(lm, _held(lm, a), a)
-        got = live.fetch(lm, b)
-        assert (got.cached, got.source) == (25, "live")
-        assert mx.allclose(last_logits(lm, b, got.cache, 25), last_logits(lm, b), atol=1e-4).item()
+        live.keep(lm, _held(lm, kept), kept)
+        got = live.fetch(lm, asked)
+        assert (got.cached, got.source) == (cached, "live")
+        assert mx.allclose(last_logits(lm, asked, got.cache, cached), last_logits(lm, asked), atol=1e-4).item()
+
+
+def test_a_prompt_sharing_only_a_start_gets_the_kept_cache_cut_to_it(tmp_path):
+    a = prompt(40, 1)
+    _continues_from_memory(tmp_path, tiny_llama(), a, a[:25] + prompt(10, 3), 25)
 
 
 def test_the_vault_answers_when_it_holds_more_than_memory(tmp_path):
@@ -86,15 +90,8 @@ def test_limits_clear_and_caches_it_cannot_key(tmp_path):
 
 
 def test_rings_continue_from_memory(tmp_path):
-    lm = tiny_gemma()
     turn1 = prompt(30, 1)  # past the sliding window (12): the rings have wrapped
-    turn2 = turn1 + prompt(5, 2)
-    with Vault(tmp_path, block_size=8, codec=LOSSLESS_KV) as vault:
-        live = LiveCaches(vault)
-        live.keep(lm, _held(lm, turn1), turn1)
-        got = live.fetch(lm, turn2)
-        assert (got.cached, got.source) == (30, "live")
-        assert mx.allclose(last_logits(lm, turn2, got.cache, 30), last_logits(lm, turn2), atol=1e-4).item()
+    _continues_from_memory(tmp_path, tiny_gemma(), turn1, turn1 + prompt(5, 2), 30)
 
 
 def test_a_pending_store_is_replaced_by_the_next_turn_only_when_it_holds_every_row():
