@@ -81,27 +81,43 @@ class RamTier:
 IN_FLIGHT_S = 600  # an unindexed shard younger than this is a live writer's, not an orphan
 
 
+LIVE_FILES = ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", ledger.NAME)  # at the vault's top
+LIVE_DIRS = ("quarantine",)  # and everything under these
+
+
 def disk_usage(root: Path) -> int:
     """Bytes allocated on disk under `root`, like `du` (files that vanish meanwhile are skipped)."""
-    return _walk(root)[0]
+    return _walk(root).total
 
 
-def _walk(root: Path, recent_under: Path | None = None, since: float = 0.0) -> tuple[int, dict[str, int]]:
-    """`disk_usage`, and the files under `recent_under` modified at or after `since`: chunk key (a
-    temp file's own name, which no row has) -> allocated bytes."""
-    total, recent = 0, {}
-    inside = str(recent_under) + os.sep if recent_under is not None else None
+@dataclass
+class _Walked:
+    total: int  # bytes allocated under the root
+    live: int  # of which the live files (LIVE_FILES, LIVE_DIRS) took, as this walk saw them
+    recent: dict[str, int]  # young files under the shards: chunk key (a temp file's name) -> bytes
+
+
+def _walk(root: Path, shards: Path | None = None, since: float = 0.0) -> _Walked:
+    """One pass over `root`. The live files' share comes from the same pass: measuring them apart
+    (before or after) would put their growth meanwhile — another writer's WAL — into the baseline."""
+    walked = _Walked(0, 0, {})
+    top = str(root)
+    live_dirs = tuple(os.path.join(top, d) for d in LIVE_DIRS)
+    inside = str(shards) + os.sep if shards is not None else None
     for dirpath, _, files in os.walk(root):
+        in_live_dir = any(dirpath == d or dirpath.startswith(d + os.sep) for d in live_dirs)
         for name in files:
             try:
                 st = os.lstat(os.path.join(dirpath, name))
             except OSError:
                 continue
             size = getattr(st, "st_blocks", 0) * 512 or st.st_size
-            total += size
+            walked.total += size
+            if in_live_dir or (dirpath == top and name in LIVE_FILES):
+                walked.live += size
             if inside is not None and st.st_mtime >= since and (dirpath + os.sep).startswith(inside):
-                recent[name if name.startswith(".") else name.split(".")[0]] = size
-    return total, recent
+                walked.recent[name if name.startswith(".") else name.split(".")[0]] = size
+    return walked
 
 
 def allocated(path: Path) -> int:
@@ -135,19 +151,17 @@ class DiskTier:
     def reconcile(self, index: Index) -> int:
         """Walk the whole vault, restart the running count from what is there; returns the usage
         (the walk's total, or more where indexed shards count for more than the walk found)."""
-        live = self._live()
-        walked, recent = _walk(self.root, self.shards, time.time() - IN_FLIGHT_S)
+        walked = _walk(self.root, self.shards, time.time() - IN_FLIGHT_S)
         if index.read_only or index.path is None:
-            return walked
-        index.set_usage(walked, live, os.statvfs(self.root).f_frsize or 4096, recent)
+            return walked.total
+        index.set_usage(walked.total, walked.live, os.statvfs(self.root).f_frsize or 4096, walked.recent)
         return self.usage(index)
 
     def _live(self) -> int:
         """What changes without a chunk row changing: the index files, the warmed-prompts ledger
         and quarantine/."""
-        files = sum(allocated(self.root / name) for name in
-                    ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm", ledger.NAME))
-        return files + disk_usage(self.root / "quarantine")
+        files = sum(allocated(self.root / name) for name in LIVE_FILES)
+        return files + sum(disk_usage(self.root / d) for d in LIVE_DIRS)
 
     def enforce(self, index: Index, on_evict: Callable[[str], None]) -> list[str]:
         """Evict leaf-first, least recently used, until usage <= cap; returns the evicted keys.
