@@ -91,7 +91,10 @@ ASKS = [
 ]
 
 
-def tool_result(c: int, turn: int, lines: int = 16) -> str:
+TOOL_LINES = 16  # lines of a tool result by default (~400 tokens); the results JSONs before --tool-lines used it
+
+
+def tool_result(c: int, turn: int, lines: int = TOOL_LINES) -> str:
     """A made-up file listing, as a read_file call would return it: each conversation's own
     history grows by a few hundred tokens a turn, as an agent's does."""
     body = []
@@ -217,7 +220,7 @@ def phase_of(turn: int, restart_after: int) -> str:
 
 
 def replay(setup: str, servers: list[_Server], system: str, conversations: int, turns: int,
-           max_tokens: int, tool_lines: int = 16, log=None) -> list[Request]:
+           max_tokens: int, tool_lines: int = TOOL_LINES, log=None) -> list[Request]:
     """The trace against `servers` (requests alternate between them), restarting them midway."""
     history = [[{"role": "system", "content": system}] for _ in range(conversations)]
     restart_after = (turns + 1) // 2
@@ -266,7 +269,7 @@ def summarize(requests: list[Request]) -> list[dict]:
 
 
 def run_serve_bench(model: str | None, *, conversations: int, turns: int, system_tokens: int, max_tokens: int,
-                    setups: list[str], tool_lines: int = 16, workdir: str | None = None, log=None) -> dict:
+                    setups: list[str], tool_lines: int = TOOL_LINES, workdir: str | None = None, log=None) -> dict:
     from promptvault.models import load_model
 
     lm = load_model(model)
@@ -301,7 +304,7 @@ def format_table(result: dict) -> str:
     from promptvault.tables import format_table as table
 
     head = (f"{result['model']}: {result['conversations']} conversations x {result['turns']} turns, system prompt "
-            f"{result['system_prompt_tokens']} tokens, tool results of {result.get('tool_lines', 16)} lines, "
+            f"{result['system_prompt_tokens']} tokens, tool results of {result.get('tool_lines', TOOL_LINES)} lines, "
             f"{result['max_tokens']} new tokens per answer; "
             f"{result['machine']}, load average {', '.join(f'{x:.1f}' for x in result['load_average'])}, "
             f"{result['date']}")
